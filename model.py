@@ -1,0 +1,392 @@
+"""
+One frozen causal LLM with three small LoRA adapters: the four networks of ETPO in one set of weights.
+
+Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
+arXiv 2402.06700; ../shared/ETPO.md section 6. ETPO needs a policy pi_theta, a soft Q-network phi, its
+Polyak target phi_bar and the frozen reference pi_bar. Here they are ONE frozen base model plus the LoRA
+adapters `policy`, `q` and `q_target`; running with no adapter is the reference. For CodeLlama-7B that is
+13.5 GB of bf16 weights plus ~0.1 GB of adapters, where four full copies cost ~54 GB of weights alone.
+
+What a reader finds here, top to bottom:
+1. LoRA written out: y = W x + (alpha / r) * B A x with B = 0 at init (Hu et al., arXiv 2106.09685).
+2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only,
+   batched sampling with a KV cache, save / load adapters without the base weights.
+3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (built offline
+   and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
+   (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
+
+Departures from the paper: 1. LoRA adapters instead of four full fine-tuned copies (the official code
+fine-tunes all weights of four fp16 models on 8 GPUs). 2. Adapters and their optimizer state are fp32
+while the base is bf16, since updates of lr 1e-6 vanish in bf16.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ADAPTERS = ("policy", "q", "q_target")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. LoRA: a frozen linear layer plus one low-rank update per named adapter
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B_a (A_a x) for the active adapter a; y = W x when none is active."""
+
+    def __init__(self, base: nn.Linear, names, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.active = base, alpha / r, None
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for name in names:
+            A = torch.empty(r, base.in_features, device=base.weight.device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # the same init as nn.Linear's weight
+            self.A[name] = nn.Parameter(A)  # (r, in)
+            self.B[name] = nn.Parameter(torch.zeros(base.out_features, r, device=A.device))  # (out, r): zero at init
+
+    def forward(self, x):
+        y = self.base(x)  # W x, frozen
+        if self.active is None:
+            return y
+        # fp32 master weights, computed in the base's dtype: the (B, T, in) input is never copied to fp32
+        A, B = self.A[self.active].to(x.dtype), self.B[self.active].to(x.dtype)
+        return y + self.scale * F.linear(F.linear(x, A), B)  # + (alpha / r) * B A x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. AdapterLM: the base model, its tokenizer and the adapters
+
+
+class AdapterLM(nn.Module):
+    def __init__(self, hf_model, tokenizer, r=16, alpha=32, targets=LLAMA_TARGETS, adapters=ADAPTERS, name=""):
+        super().__init__()
+        self.hf, self.tokenizer, self.name = hf_model, tokenizer, name
+        self.lora = {"r": r, "alpha": alpha, "targets": list(targets)}
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+        self.layers = []  # every LoRALinear, in a fixed order
+        for module_name, module in list(self.hf.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and child_name in targets:
+                    lora = LoRALinear(child, adapters, r, alpha)
+                    setattr(module, child_name, lora)
+                    self.layers.append(lora)
+        if not self.layers:
+            raise ValueError(f"no linear layer named {list(targets)} in {name}: pass --lora-targets for this model")
+
+    @property
+    def supports_infill(self):
+        """CodeLlama's tokenizers split a prompt at <FILL_ME> into the <PRE> prefix <SUF> suffix <MID> format."""
+        return getattr(self.tokenizer, "fill_token", None) is not None
+
+    def stop_ids(self):
+        """Tokens that end an action: EOS, and CodeLlama's end-of-infill token <EOT> when infilling."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.supports_infill:
+            ids.append(self.tokenizer.convert_tokens_to_ids(self.tokenizer.eot_token))
+        return torch.tensor(ids, device=self.device)
+
+    @property
+    def device(self):
+        return self.hf.get_input_embeddings().weight.device
+
+    @contextlib.contextmanager
+    def adapter(self, name):
+        """`with lm.adapter("policy"): ...` runs the base with that adapter; name None is the reference pi_bar.
+        Call backward() inside the block if gradient checkpointing is on (the recomputation reads the adapter)."""
+        previous = self.layers[0].active
+        for layer in self.layers:
+            layer.active = name
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.active = previous
+
+    def adapter_params(self, name):
+        return [p for layer in self.layers for p in (layer.A[name], layer.B[name])]
+
+    def action_logits(self, prompt_ids, prompt_mask, tokens, action_mask):
+        """Logits at the positions that predict each action token, (B, T, V), never the prompt's (B, P, V).
+
+        prompt_ids (B, P) left-padded, tokens (B, T) right-padded. Position P - 1 + j holds pi(.|x^j), the
+        distribution of action token j given the prompt and the j tokens before it.
+        """
+        ids = torch.cat([prompt_ids, tokens], dim=1)  # (B, P + T)
+        mask = torch.cat([prompt_mask, action_mask], dim=1).long()  # (B, P + T)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T), left padding does not shift positions
+        T = tokens.shape[1]
+        out = self.hf(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=T + 1, use_cache=False)
+        return out.logits[:, :-1]  # (B, T, V): positions P-1 .. P+T-2
+
+    def last_logits(self, prompt_ids, prompt_mask):
+        """Logits of the first action token, pi(.|x^0), (B, V): used for V(x_{t+1}^0)."""
+        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+        out = self.hf(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1]  # (B, V)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # tokenization: the prompt and the action are encoded separately, so the action's token ids never change
+
+    def encode_prompts(self, texts):
+        """Left-padded prompt ids (B, P) and mask; the tokenizer adds its BOS."""
+        ids = [self.tokenizer(t).input_ids for t in texts]
+        P = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids], device=self.device)  # (B, P)
+        prompt_mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, P)
+        return prompt_ids, prompt_mask
+
+    @torch.no_grad()
+    def generate(self, prompts, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                 stop_strings=(), generator=None):
+        """Sample one action per prompt with a KV cache. Returns tokens (B, T) right-padded with pad_token_id,
+        lengths (B,) counting EOS (or <EOT>) or the token that completed a stop string, and the decoded texts.
+        Only the sampling settings given here apply (no hidden defaults): top_k 0 and top_p 1.0 mean off."""
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        B, stop_ids, pad = len(prompts), self.stop_ids(), self.tokenizer.pad_token_id
+        mask = prompt_mask.clone()  # (B, P + t) grows one column per step
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+        tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)  # (B, T)
+        lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        texts = [""] * B
+        with self.adapter(adapter):
+            out = self.hf(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            for t in range(max_new_tokens):
+                logits = out.logits[:, -1].float()  # (B, V)
+                w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                w = torch.where(done, torch.full_like(w, pad), w)
+                tokens[:, t] = w
+                lengths += (~done).long()
+                done |= torch.isin(w, stop_ids)
+                if stop_strings:  # decode only the unfinished rows; a stop string ends the action
+                    for b in torch.nonzero(~done).flatten().tolist():
+                        texts[b] = self.tokenizer.decode(tokens[b, : t + 1], skip_special_tokens=True)
+                        done[b] = any(s in texts[b] for s in stop_strings)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, P + t + 1)
+                positions = positions[:, -1:] + 1  # (B, 1)
+                out = self.hf(input_ids=w[:, None], attention_mask=mask, position_ids=positions,
+                              past_key_values=out.past_key_values, logits_to_keep=1)
+        T = int(lengths.max())
+        tokens = tokens[:, :T]  # (B, T)
+        texts = [self.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(B)]
+        return tokens, lengths, texts
+
+    # ------------------------------------------------------------------------------------------------------------
+    # adapters on disk: only the LoRA weights, never the base
+
+    def adapter_state(self):
+        return {"lora": self.lora, "model": self.name,
+                "weights": {n: [p.detach().cpu() for p in self.adapter_params(n)] for n in ADAPTERS}}
+
+    def load_adapter_state(self, state):
+        if state.get("lora") != self.lora or state.get("model") != self.name:
+            raise ValueError(f"the adapters were trained on {state.get('model')} with LoRA {state.get('lora')}, "
+                             f"not on {self.name} with LoRA {self.lora}: pass the same --model and --lora-rank")
+        with torch.no_grad():
+            for n in ADAPTERS:
+                for p, saved in zip(self.adapter_params(n), state["weights"][n], strict=True):
+                    p.copy_(saved)
+
+    def save_adapters(self, path):
+        torch.save(self.adapter_state(), path)
+
+    def load_adapters(self, path):
+        self.load_adapter_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from softmax(logits / temperature), restricted to the top_k and the top_p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature  # (B, V)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = F.softmax(sorted_logits, -1).cumsum(-1)  # (B, V)
+        drop = cum - F.softmax(sorted_logits, -1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = F.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Presets
+
+
+def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None):
+    """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "tiny":
+        hf, tok = build_tiny(cache_dir)
+        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name)
+    if device.type != "cuda" and name != "tiny" and not os.environ.get("ETPO_ALLOW_CPU_LLM"):
+        raise RuntimeError(f"{name} needs a CUDA GPU and none is visible: use --model tiny on a CPU")
+    if name == "codellama-7b-arch":
+        return AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, name=name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    except OSError as e:
+        raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine is "
+                           f"offline, pass a local path with --model or use --model tiny") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
+    return AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, name=name)
+
+
+def build_codellama_arch(device):
+    """CodeLlama-7B's exact architecture with random bf16 weights, built directly on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                         rope_theta=1e6, rms_norm_eps=1e-5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return hf.eval()
+
+
+# the `tiny` preset: a 2-layer Llama and a byte-level BPE tokenizer, built offline and warm-started by supervised
+# training on scikit-learn `build_model` bodies (good, weak and a few broken), so RL has signal on a CPU
+
+TINY_CLASSIFIERS = [  # (import line, constructor with {} for hyper-parameters, hyper-parameter choices)
+    ("from sklearn.ensemble import RandomForestClassifier", "RandomForestClassifier({})",
+     ["n_estimators=50", "n_estimators=100", "max_depth=5", "max_depth=10", "min_samples_leaf=3", "random_state=0"]),
+    ("from sklearn.ensemble import ExtraTreesClassifier", "ExtraTreesClassifier({})",
+     ["n_estimators=50", "n_estimators=100", "max_depth=8", "random_state=0"]),
+    ("from sklearn.ensemble import HistGradientBoostingClassifier", "HistGradientBoostingClassifier({})",
+     ["max_iter=50", "learning_rate=0.1", "max_depth=3", "random_state=0"]),
+    ("from sklearn.linear_model import LogisticRegression", "LogisticRegression({})",
+     ["C=0.1", "C=1.0", "C=10.0", "max_iter=1000", "C=0.0001"]),
+    ("from sklearn.neighbors import KNeighborsClassifier", "KNeighborsClassifier({})",
+     ["n_neighbors=1", "n_neighbors=5", "n_neighbors=15", "weights='distance'"]),
+    ("from sklearn.tree import DecisionTreeClassifier", "DecisionTreeClassifier({})",
+     ["max_depth=1", "max_depth=3", "max_depth=6", "min_samples_leaf=5", "random_state=0"]),
+    ("from sklearn.naive_bayes import GaussianNB", "GaussianNB({})", []),
+    ("from sklearn.discriminant_analysis import LinearDiscriminantAnalysis", "LinearDiscriminantAnalysis({})", []),
+    ("from sklearn.ensemble import AdaBoostClassifier", "AdaBoostClassifier({})", ["n_estimators=50", "random_state=0"]),
+    ("from sklearn.svm import SVC", "SVC({})", ["C=1.0", "probability=True", "gamma='scale'"]),  # needs probability=True
+    ("from sklearn.svm import LinearSVC", "LinearSVC({})", ["C=1.0"]),  # broken: no predict_proba
+    ("from sklearn.linear_model import RidgeClassifier", "RidgeClassifier({})", ["alpha=1.0"]),  # broken: same
+]
+
+
+def tiny_corpus(n=240, seed=0):
+    """Short `build_model` bodies: varied classifiers, hyper-parameters and pipelines; some weak, a few broken."""
+    rng = random.Random(seed)
+    bodies = set()
+    while len(bodies) < n:
+        imp, ctor, options = rng.choice(TINY_CLASSIFIERS)
+        args = ", ".join(sorted(rng.sample(options, rng.randint(0, min(2, len(options))))))
+        lines = [imp]
+        if rng.random() < 0.3:
+            lines = ["from sklearn.pipeline import make_pipeline", "from sklearn.preprocessing import StandardScaler",
+                     imp, f"model = make_pipeline(StandardScaler(), {ctor.format(args)})"]
+        else:
+            lines.append(f"model = {ctor.format(args)}")
+        lines.append("model.fit(x_train, y_train)")
+        if rng.random() > 0.04:  # a few forget to return the model
+            lines.append("return model")
+        bodies.add("".join(f"    {line}\n" for line in lines))
+    return sorted(bodies)
+
+
+def tiny_prompt(rng):
+    """A prompt in the shape the environment writes: comments about a dataset, then the signature."""
+    words = ["age", "income", "score", "size", "color", "count", "rate", "level", "length", "weight", "type", "class"]
+    feats = ", ".join(f"{rng.choice(words)}_{i} ({rng.choice(['numeric', 'categorical'])})" for i in range(rng.randint(2, 8)))
+    return (f"# Dataset: {rng.choice(words)}_{rng.randint(0, 99)}, {rng.randint(100, 2000)} rows, "
+            f"{rng.randint(2, 5)} classes.\n# Features: {feats}.\n"
+            "# Write the body of build_model: fit a scikit-learn classifier with predict_proba and return it.\n\n"
+            "def build_model(x_train, y_train):\n")
+
+
+TINY_VERSION = 2  # bump when the recipe below changes, so cached builds are rebuilt
+
+
+def build_tiny(cache_dir=None, steps=600, seed=0):
+    """Load the tiny model from its cache folder, or build it (tokenizer, Llama, supervised warm start) once."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = tiny_corpus()
+    key = hashlib.sha256(json.dumps([corpus, steps, seed, TINY_VERSION]).encode()).hexdigest()[:12]
+    cache_dir = cache_dir or os.environ.get("ETPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "etpo"))
+    path = os.path.join(cache_dir, f"tiny-{key}")
+    if os.path.exists(os.path.join(path, "done")):
+        return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+
+    t0 = time.time()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    prompts = [tiny_prompt(rng) for _ in range(len(corpus))]  # tokenizer training text only
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus + prompts, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf = LlamaForCausalLM(config)
+
+    # supervised warm start on (fresh random prompt, body) pairs: the loss is on the body and its EOS only, and the
+    # prompt and the body are encoded separately, as in a rollout
+    opt = torch.optim.AdamW(hf.parameters(), lr=3e-3, weight_decay=0.0)
+    lr_at = lambda step: 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
+    bodies = [tok(body, add_special_tokens=False).input_ids + [tok.eos_token_id] for body in corpus]
+    hf.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = []
+        for body in rng.sample(bodies, 16):
+            prompt = tok(tiny_prompt(rng)).input_ids
+            batch.append((prompt + body, [-100] * len(prompt) + body))
+        L = max(len(x) for x, _ in batch)
+        ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (L - len(y)) for _, y in batch])
+        mask = (torch.arange(L)[None] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
+        loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hf.eval()
+    os.makedirs(path, exist_ok=True)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "done"), "w") as f:
+        json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
+    print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
+    return hf, tok

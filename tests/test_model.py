@@ -1,0 +1,140 @@
+"""
+model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exact no-ops at init and independent
+of each other, gradients reach only the active adapter, adapters round-trip through a file, cached sampling equals
+uncached greedy decoding, and the action-position logits are the same slice of the full logits.
+
+Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
+"""
+
+import pytest
+import torch
+
+import model
+
+PROMPTS = ["# Dataset: iris\n\ndef build_model(x_train, y_train):\n", "# short\ndef build_model(x_train, y_train):\n"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return model.load("tiny", device="cpu")
+
+
+def full_logits(lm, prompt_ids, prompt_mask, tokens, action_mask):
+    ids = torch.cat([prompt_ids, tokens], 1)
+    mask = torch.cat([prompt_mask, action_mask], 1)
+    return lm.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+
+
+def some_actions(lm):
+    prompt_ids, prompt_mask = lm.encode_prompts(PROMPTS)
+    tokens, lengths, _ = lm.generate(PROMPTS, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    action_mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    return prompt_ids, prompt_mask, tokens, action_mask
+
+
+def test_zero_adapters_reproduce_the_base_and_each_adapter_changes_only_its_own_output(lm):
+    batch = some_actions(lm)
+    base = lm.action_logits(*batch)
+    for name in model.ADAPTERS:
+        with lm.adapter(name):
+            assert torch.equal(lm.action_logits(*batch), base)
+    layer = lm.layers[0]
+    saved = layer.B["q"].detach().clone()
+    try:
+        with torch.no_grad():
+            layer.B["q"].normal_()
+        with lm.adapter("q"):
+            assert not torch.allclose(lm.action_logits(*batch), base)
+        for name in (None, "policy", "q_target"):
+            with lm.adapter(name):
+                assert torch.equal(lm.action_logits(*batch), base)
+    finally:
+        with torch.no_grad():
+            layer.B["q"].copy_(saved)
+
+
+def test_gradients_reach_only_the_active_adapter(lm):
+    batch = some_actions(lm)
+    with lm.adapter("policy"):
+        lm.action_logits(*batch).float().logsumexp(-1).sum().backward()
+    grads = {n: [p.grad for p in lm.adapter_params(n)] for n in model.ADAPTERS}
+    assert all(g is not None for g in grads["policy"])
+    assert any(float(g.abs().sum()) > 0 for g in grads["policy"])
+    assert all(g is None for n in ("q", "q_target") for g in grads[n])
+    base_params = [p for n, p in lm.hf.named_parameters() if ".A." not in n and ".B." not in n]
+    assert base_params and all(p.grad is None and not p.requires_grad for p in base_params)
+    for p in lm.adapter_params("policy"):
+        p.grad = None
+    assert all(p.dtype == torch.float32 for n in model.ADAPTERS for p in lm.adapter_params(n))
+
+
+def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
+    batch = some_actions(lm)
+    with torch.no_grad():
+        for p in lm.adapter_params("policy"):
+            p.add_(0.01 * torch.randn_like(p))
+    with lm.adapter("policy"):
+        before = lm.action_logits(*batch)
+    lm.save_adapters(tmp_path / "a.pt")
+    with torch.no_grad():
+        for p in lm.adapter_params("policy"):
+            p.zero_()
+    lm.load_adapters(tmp_path / "a.pt")
+    with lm.adapter("policy"):
+        assert torch.equal(lm.action_logits(*batch), before)
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert "weights" in state and all(t.numel() < 200_000 for ts in state["weights"].values() for t in ts)
+    other = model.load("tiny", device="cpu", r=4, alpha=8)
+    with pytest.raises(ValueError, match="--lora-rank"):
+        other.load_adapters(tmp_path / "a.pt")
+    with torch.no_grad():
+        for p in lm.adapter_params("policy")[1::2]:
+            p.zero_()  # B = 0 again: policy adapter back to a no-op for the other tests
+
+
+def test_action_logits_equal_the_slice_of_full_logits(lm):
+    prompt_ids, prompt_mask, tokens, action_mask = some_actions(lm)
+    P, T = prompt_ids.shape[1], tokens.shape[1]
+    full = full_logits(lm, prompt_ids, prompt_mask, tokens, action_mask)  # (B, P + T, V)
+    assert torch.allclose(lm.action_logits(prompt_ids, prompt_mask, tokens, action_mask), full[:, P - 1 : P + T - 1],
+                          atol=1e-5)
+    assert torch.allclose(lm.last_logits(prompt_ids, prompt_mask), full[:, P - 1], atol=1e-5)
+
+
+def test_cached_generation_equals_uncached_greedy_decoding_per_prompt(lm):
+    tokens, lengths, texts = lm.generate(PROMPTS, max_new_tokens=20, temperature=0.0)  # batched, left-padded, cached
+    for b, prompt in enumerate(PROMPTS):
+        ids = lm.tokenizer(prompt, return_tensors="pt").input_ids  # (1, P) alone, no padding
+        out = []
+        for _ in range(int(lengths[b])):
+            w = int(lm.hf(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            out.append(w)
+            ids = torch.cat([ids, torch.tensor([[w]])], 1)
+            if w == lm.tokenizer.eos_token_id:
+                break
+        assert tokens[b, : lengths[b]].tolist() == out
+        assert texts[b] == lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_sampling_filters_restrict_the_support():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert int(model.sample(logits, top_k=1)) == 1
+    assert int(model.sample(logits, top_p=0.05)) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {int(model.sample(logits, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {1, 3}
+
+
+def test_stop_strings(lm):
+    tokens, lengths, texts = lm.generate(PROMPTS, max_new_tokens=60, temperature=0.0, stop_strings=["model ="])
+    for b, text in enumerate(texts):
+        assert "model =" in text
+        shorter = lm.tokenizer.decode(tokens[b, : lengths[b] - 1], skip_special_tokens=True)
+        assert "model =" not in shorter  # stopped at the token that completed the stop string
+
+
+def test_seven_b_without_cuda_is_one_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        model.load("codellama/CodeLlama-7b-hf", device="cpu")
