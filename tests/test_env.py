@@ -1,0 +1,209 @@
+"""
+env.py: datasets load offline through the real openml client (a temporary copy of ../shared/data/openml-cache),
+rewards equal ROC AUC computed directly with scikit-learn, and a zoo of bad programs each returns -1 with a
+useful error within its limits while the test process lives on; prompts and the step limit of the MDP.
+
+Run: python -m pytest tests/test_env.py -q
+"""
+
+import os
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+import env
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not beside this checkout")
+
+GOOD = """def build_model(x_train, y_train):
+    from sklearn.linear_model import LogisticRegression
+    model = LogisticRegression(max_iter=1000)
+    model.fit(x_train, y_train)
+    return model
+"""
+
+
+def body(code):
+    return "def build_model(x_train, y_train):\n" + "".join(f"    {line}\n" for line in code.strip().splitlines())
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = env.Sandbox(workers=2, memory_mb=2048)
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(scope="module")
+def iris():
+    return env.load_dataset("iris")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="module")
+def openml_cache(tmp_path_factory):
+    """The client writes pickles into its cache, so it gets a temporary copy, never ../shared itself."""
+    path = tmp_path_factory.mktemp("openml") / "cache"
+    shutil.copytree(os.path.join(SHARED, "openml-cache"), path)
+    return str(path)
+
+
+# (rows, features, classes) of each local dataset as published; CAAFE keeps a fraction of three and caps at 2000
+EXPECTED = {"balance_scale": (625, 4, 3), "breast_w": (699, 9, 2), "cmc": (1473, 9, 3), "credit_g": (1000, 20, 2),
+            "diabetes": (768, 8, 2), "tic_tac_toe": (958, 9, 2), "eucalyptus": (736, 19, 5), "pc1": (1109, 21, 2),
+            "jungle_chess": (44819, 6, 3), "pharyngitis": (512, 18, 2), "kidney_stone": (414, 6, 2),
+            "health_insurance": (None, 12, 2), "spaceship_titanic": (None, 11, 2)}
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_local_dataset_loads_offline_with_the_expected_shape(name, openml_cache, no_network):
+    d = env.load_dataset(name, data_dir=os.path.join(SHARED, "kaggle"), openml_cache=openml_cache)
+    rows, features, classes = EXPECTED[name]
+    n = len(d.X) + len(d.X_test)
+    if rows is not None:
+        assert n == min(env.MAX_ROWS, round(rows * env.KEEP_FRACTION.get(name, 1.0)))
+    else:
+        assert n == env.MAX_ROWS  # the big Kaggle sets keep 2000 complete rows
+    assert d.X.shape[1] == d.X_test.shape[1] == features
+    assert set(np.unique(np.concatenate([d.y, d.y_test]))) == set(range(classes))
+    assert len(d.X_test) == int(np.ceil(n * env.HELDOUT)) and np.isfinite(d.X).all() and np.isfinite(d.X_test).all()
+    assert name in d.description and "Features" in d.description
+
+
+def test_user_errors_are_one_clear_sentence(tmp_path, no_network):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; choose one of .*cmc"):
+        env.load_dataset("nope")
+    with pytest.raises(FileNotFoundError, match="needs the file .*pharyngitis.csv"):
+        env.load_dataset("pharyngitis", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not get OpenML dataset 23 .*--openml-cache"):
+        env.load_dataset("cmc", openml_cache=str(tmp_path / "empty"))
+
+
+def test_csv_path_with_target_column(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    path = tmp_path / "mine.csv"
+    lines = ["a,b,c,label,color"] + [f"{r[0]},{r[1]},{r[2]},{int(r[0] > 0)},{'red' if r[1] > 0 else 'blue'}" for r in x]
+    path.write_text("\n".join(lines))
+    d = env.load_dataset(f"{path}:label")
+    assert d.X.shape == (160, 4) and d.name == "mine" and "color (categorical" in d.description
+
+
+def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
+    bc = env.load_dataset("breast_cancer")
+    for d in (bc, iris):
+        aucs = []
+        for i in range(5):  # seed i for split i, 50/50, stratified
+            x_tr, x_va, y_tr, y_va = train_test_split(d.X, d.y, test_size=0.5, random_state=i, stratify=d.y)
+            proba = LogisticRegression(max_iter=1000).fit(x_tr, y_tr).predict_proba(x_va)
+            binary = proba.shape[1] == 2
+            aucs.append(roc_auc_score(y_va, proba[:, 1]) if binary else roc_auc_score(y_va, proba, multi_class="ovo"))
+        reward, error = sandbox.run([GOOD], d)[0]
+        assert error is None and reward == pytest.approx(np.mean(aucs), abs=1e-12)
+    # the held-out AUC is fit on the reward rows and scored on rows the reward never sees
+    heldout, error = sandbox.run([GOOD], bc, heldout=True)[0]
+    proba = LogisticRegression(max_iter=1000).fit(bc.X, bc.y).predict_proba(bc.X_test)
+    assert error is None and heldout == pytest.approx(roc_auc_score(bc.y_test, proba[:, 1]), abs=1e-12)
+    assert not any((bc.X_test[:, None] == bc.X[None]).all(-1).any(1))  # no held-out row is a reward row
+
+
+def test_execute_is_the_public_one_call_form(iris):
+    reward, error = env.execute(GOOD, iris, timeout=30)
+    assert error is None and 0.9 < reward <= 1.0
+
+
+ZOO = {  # name: (body, a phrase the error must contain)
+    "syntax_error": ("model = (", "SyntaxError"),
+    "exception": ("x = 1 / 0", "line 1: x = 1 / 0\nZeroDivisionError"),
+    "no_predict_proba": ("from sklearn.svm import LinearSVC\nreturn LinearSVC().fit(x_train, y_train)", "predict_proba"),
+    "returns_none": ("pass", "returned None"),
+    "infinite_loop": ("while True:\n    pass", "longer than 3 seconds"),
+    "sleep_past_timeout": ("import time\ntime.sleep(60)", "longer than 3 seconds"),
+    "memory_bomb": ("x = [0] * 10**10", "MemoryError"),
+    "memory_bomb_numpy": ("import numpy as np\nx = np.zeros((10**6, 10**4))", "MemoryError"),
+    "os_exit": ("import os\nos._exit(3)", "exited with code 3"),
+    "sys_exit": ("import sys\nsys.exit(1)", "sys.exit(1)"),
+    "segfault": ("import ctypes\nctypes.string_at(0)", "SIGSEGV"),
+    "print_100_mb": ("for _ in range(100):\n    print('x' * 1_000_000)", "File too large"),
+    "write_outside_scratch": ("open('/tmp/etpo-escape.txt', 'w').write('x')", "not allowed"),
+    "delete_outside_scratch": ("import os\nos.remove(os.path.expanduser('/etc/hostname'))", "not allowed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_bad_code_zoo(name, sandbox, iris):
+    code, phrase = ZOO[name]
+    start = time.monotonic()
+    reward, error = sandbox.run([body(code)], iris, timeout=3)[0]
+    assert reward == -1.0 and phrase in error, error
+    assert time.monotonic() - start < 20
+    assert not os.path.exists("/tmp/etpo-escape.txt") and os.path.exists("/etc/hostname")
+    assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_children_left_running_are_killed_and_an_open_pipe_does_not_stall(sandbox, iris):
+    # a subprocess left running: its pid comes back in the error, and it must be dead afterwards
+    code = "import subprocess\np = subprocess.Popen(['sleep', '300'])\nraise RuntimeError(f'pid={p.pid}')"
+    reward, error = sandbox.run([body(code)], iris, timeout=10)[0]
+    assert reward == -1.0 and "pid=" in error
+    pid = int(error.rsplit("pid=", 1)[1].split()[0])
+    time.sleep(0.2)
+    assert not _alive(pid)
+    # a forked child keeps every inherited fd (result pipe, output file) open and sleeps: no stall, real reward
+    code = GOOD.replace("    from sklearn", "    import os, time\n    if os.fork() == 0:\n        time.sleep(300)\n"
+                                            "    from sklearn", 1)
+    start = time.monotonic()
+    reward, error = sandbox.run([code], iris, timeout=10)[0]
+    assert error is None and reward > 0.9 and time.monotonic() - start < 8
+
+
+def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
+    sb = env.Sandbox(workers=1)
+    try:
+        reward, error = sb.run([body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")], iris, timeout=5)[0]
+        assert reward == -1.0 and "sandbox" in error
+        assert sb.run([GOOD], iris, timeout=10)[0][1] is None
+    finally:
+        sb.close()
+
+
+def test_body_extraction_and_reflection_prompt(sandbox, iris):
+    text = "def build_model(x_train, y_train):\n\tmodel = 1\n    return model\n\nprint('hi')\n```\n"
+    assert env.extract_body(text) == "    model = 1\n    return model\n"
+    assert env.extract_body("    return 1\n```python\nmore") == "    return 1\n"
+    assert env.program("    x = 1\n", infill=True).endswith("    x = 1\n    return model\n")
+    assert "<FILL_ME>" in env.task_prompt(iris, infill=True) and "<FILL_ME>" not in env.task_prompt(iris)
+    e = env.CodingEnv(iris, n_envs=2, max_steps=2, sandbox=sandbox, timeout=5)
+    bad, good = "    x = 1 / 0\n    return x\n", GOOD[len(env.SIGNATURE):]
+    rewards, dones, prompts, infos = e.step([bad, good])
+    assert rewards[0] == -1.0 and dones.tolist() == [0.0, 1.0] and 0.9 < rewards[1] <= 1.0
+    assert "ZeroDivisionError" in prompts[0] and "# " + bad.splitlines()[0] in prompts[0]
+    assert prompts[0].endswith(env.SIGNATURE) and prompts[1] == env.task_prompt(iris)
+    rewards, dones, prompts, infos = e.step([bad, bad])
+    assert dones.tolist() == [1.0, 0.0]  # the step limit (2) ends episode 0; episode 1 is on its first step
+    assert prompts[0] == env.task_prompt(iris) and e.env_steps == 4 and e.episodes == 2
+    assert e.best_code == GOOD and e.best_reward == rewards[1] or e.best_reward > 0.9
