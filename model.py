@@ -68,9 +68,10 @@ class LoRALinear(nn.Module):
 
 
 class AdapterLM(nn.Module):
-    def __init__(self, hf_model, tokenizer, r=16, alpha=32, targets=LLAMA_TARGETS, adapters=ADAPTERS, name=""):
+    def __init__(self, hf_model, tokenizer, r=16, alpha=32, targets=LLAMA_TARGETS, adapters=ADAPTERS, name="",
+                 max_prompt_tokens=None):
         super().__init__()
-        self.hf, self.tokenizer, self.name = hf_model, tokenizer, name
+        self.hf, self.tokenizer, self.name, self.max_prompt_tokens = hf_model, tokenizer, name, max_prompt_tokens
         self.lora = {"r": r, "alpha": alpha, "targets": list(targets)}
         for p in self.hf.parameters():
             p.requires_grad_(False)
@@ -139,8 +140,11 @@ class AdapterLM(nn.Module):
     # tokenization: the prompt and the action are encoded separately, so the action's token ids never change
 
     def encode_prompts(self, texts):
-        """Left-padded prompt ids (B, P) and mask; the tokenizer adds its BOS."""
+        """Left-padded prompt ids (B, P) and mask; the tokenizer adds its BOS. Prompts longer than max_prompt_tokens
+        keep BOS and their tail (where the signature, the error and the instruction are)."""
         ids = [self.tokenizer(t).input_ids for t in texts]
+        if self.max_prompt_tokens:
+            ids = [x if len(x) <= self.max_prompt_tokens else x[:1] + x[1 - self.max_prompt_tokens :] for x in ids]
         P = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         prompt_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids], device=self.device)  # (B, P)
@@ -237,7 +241,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "tiny":
         hf, tok = build_tiny(cache_dir)
-        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name)
+        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name, max_prompt_tokens=TINY_WINDOW)
     if device.type != "cuda" and name != "tiny" and not os.environ.get("ETPO_ALLOW_CPU_LLM"):
         raise RuntimeError(f"{name} needs a CUDA GPU and none is visible: use --model tiny on a CPU")
     if name == "codellama-7b-arch":
@@ -319,17 +323,28 @@ def tiny_corpus(n=240, seed=0):
     return sorted(bodies)
 
 
-def tiny_prompt(rng):
-    """A prompt in the shape the environment writes: comments about a dataset, then the signature."""
+def tiny_prompt(rng, corpus):
+    """A prompt in the shape the environment writes (dataset comments, sometimes a failed attempt and its error,
+    the instruction, the signature); the tiny model only ever sees its last TINY_WINDOW tokens."""
     words = ["age", "income", "score", "size", "color", "count", "rate", "level", "length", "weight", "type", "class"]
-    feats = ", ".join(f"{rng.choice(words)}_{i} ({rng.choice(['numeric', 'categorical'])})" for i in range(rng.randint(2, 8)))
-    return (f"# Dataset: {rng.choice(words)}_{rng.randint(0, 99)}, {rng.randint(100, 2000)} rows, "
-            f"{rng.randint(2, 5)} classes.\n# Features: {feats}.\n"
-            "# Write the body of build_model: fit a scikit-learn classifier with predict_proba and return it.\n\n"
-            "def build_model(x_train, y_train):\n")
+    lines = [f"# Dataset: {rng.choice(words)}_{rng.randint(0, 99)}, {rng.randint(100, 2000)} rows."]
+    for i in range(rng.randint(2, 12)):
+        kind = rng.choice([f"numeric, {rng.random():.3g} .. {rng.randint(1, 900)}", f"categorical, {rng.randint(2, 9)} values"])
+        lines.append(f"#   {i}: {rng.choice(words)}_{rng.choice(words)} ({kind})")
+    task = "# Write the body of build_model: fit a scikit-learn classifier that has predict_proba on x_train, y_train"
+    if rng.random() < 0.3:
+        failed = rng.choice(corpus).rstrip().splitlines()
+        error = rng.choice(["ValueError: bad input", "AttributeError: LinearSVC has no predict_proba", "NameError: x"])
+        lines += [task + " and return it.", "# This attempt failed:", "# def build_model(x_train, y_train):"]
+        lines += ["# " + line for line in failed] + ["# Error:", f"# line 2: {failed[-1].strip()}", "# " + error,
+                                                     "# Write a corrected version."]
+    else:
+        lines.append(task + " and return it. It is scored by ROC AUC on unseen rows.")
+    return "\n".join(lines) + "\n\ndef build_model(x_train, y_train):\n"
 
 
-TINY_VERSION = 2  # bump when the recipe below changes, so cached builds are rebuilt
+TINY_WINDOW = 128  # prompt tokens the tiny model sees: the tail (signature, error, instruction)
+TINY_VERSION = 3  # bump when the recipe below changes, so cached builds are rebuilt
 
 
 def build_tiny(cache_dir=None, steps=600, seed=0):
@@ -347,7 +362,7 @@ def build_tiny(cache_dir=None, steps=600, seed=0):
     t0 = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    prompts = [tiny_prompt(rng) for _ in range(len(corpus))]  # tokenizer training text only
+    prompts = [tiny_prompt(rng, corpus) for _ in range(len(corpus))]  # tokenizer training text only
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -372,7 +387,8 @@ def build_tiny(cache_dir=None, steps=600, seed=0):
             group["lr"] = lr_at(step)
         batch = []
         for body in rng.sample(bodies, 16):
-            prompt = tok(tiny_prompt(rng)).input_ids
+            prompt = tok(tiny_prompt(rng, corpus)).input_ids
+            prompt = prompt[:1] + prompt[1:][-(TINY_WINDOW - 1):]  # BOS + the tail, as encode_prompts does
             batch.append((prompt + body, [-100] * len(prompt) + body))
         L = max(len(x) for x, _ in batch)
         ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in batch])

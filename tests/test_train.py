@@ -1,0 +1,87 @@
+"""
+train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
+program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
+a short fixed-seed run raises the reward of first attempts; user errors end with one sentence and a non-zero exit.
+
+Run: python -m pytest tests/test_train.py -q
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--dataset", "iris", "--max-new-tokens", "64", "--sample-every", "1"]
+
+
+def train(*args, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
+    out = str(tmp_path / "run")
+    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(out)
+    assert [m["it"] for m in rows] == [0, 1] and rows[-1]["env_steps"] == 16
+    for key in ("it", "env_steps", "env/reward_mean", "env/success_rate", "env/auc_best", "loss/q", "loss/pi",
+                "policy/kl_ref", "policy/entropy", "perf/tokens_per_s", "time_s"):
+        assert key in rows[-1] and rows[-1][key] is not None
+    assert "it 2/2" in r.stdout and "--- sample" in r.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["it"] == 2 and ckpt["config"]["dataset"] == "iris"
+    weights = ckpt["adapters"]["weights"]
+    # LoRA B starts at zero: the policy and Q adapters moved, and the target followed Q by Polyak averaging
+    for name in ("policy", "q", "q_target"):
+        assert any(float(B.abs().sum()) > 0 for B in weights[name][1::2]), name
+    if rows[-1]["env/auc_best"] > 0:
+        assert open(os.path.join(out, "best_code.py")).read().startswith("# ROC AUC")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole, half = str(tmp_path / "whole"), str(tmp_path / "half")
+    common = [*TINY, "--n-envs", "8", "--seed", "3"]
+    assert train(*common, "--steps", "32", "--out", whole).returncode == 0
+    assert train(*common, "--steps", "16", "--out", half).returncode == 0
+    r = train(*common, "--steps", "32", "--out", half, "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    timing = {"time_s", "perf/tokens_per_s", "perf/iter_s"}
+    a = [{k: v for k, v in m.items() if k not in timing} for m in metrics(whole)]
+    b = [{k: v for k, v in m.items() if k not in timing} for m in metrics(half)]
+    assert len(a) == 4 and a == b
+
+
+def test_short_run_raises_the_reward_of_first_attempts(tmp_path):
+    out = str(tmp_path / "learn")
+    r = train("--model", "tiny", "--dataset", "breast_cancer", "--steps", "512", "--sample-every", "0", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = [m["env/first_try_reward"] for m in metrics(out)]
+    start, end = sum(first[:3]) / 3, sum(first[-3:]) / 3
+    assert end > start + 0.2, (start, end)
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--dataset", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
+    (["--dataset", "iris", "--model", "codellama/CodeLlama-7b-hf", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
+    (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
+])
+def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    args = [str(tmp_path / "empty") if a == "EMPTY" else str(bad) if a == "BAD" else a for a in args]
+    r = train(*args, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]

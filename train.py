@@ -1,0 +1,295 @@
+"""
+Train an LLM coding agent with ETPO: `python train.py --dataset cmc`.
+
+Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
+arXiv 2402.06700, Algorithm 1; ../shared/ETPO.md section 6. The loop below reads top to bottom as the paper's
+algorithm: (1) roll out the policy in N parallel episodes, (2) execute the code, (3) compute per-token soft values
+and targets with no gradient, (4) update the soft Q-network, (5) update the policy, (6) Polyak-average the target.
+
+Departures from the paper (each is a flag; README "Departures from the paper"):
+1. LoRA adapters on one frozen base (model.py) and AdamW at lr 1e-4, where the paper fine-tunes four full copies
+   with Lion at lr 1e-6.
+2. Q is the residual of the Q adapter's logits over the reference logits (ETPO.md section 5).
+3. `--model tiny` uses its own defaults (PRESETS below), so a 2-core CPU learns something in minutes.
+4. Optional lambda-return targets inside an action (--lam, default 0 = the paper's one-step target) and several Q
+   steps per batch (--q-steps, default 1).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import env
+import etpo
+import model
+
+# -----------------------------------------------------------------------------------------------------------------
+# configuration: argparse, defaults = the paper (ETPO.md section 6); None = the model preset's value
+parser = argparse.ArgumentParser(description="ETPO: train an LLM to write scikit-learn code for a tabular dataset.")
+# environment
+parser.add_argument("--dataset", default="cmc", help=f"one of {', '.join(env.dataset_names())}, or path.csv[:target]")
+parser.add_argument("--data-dir", default="data", help="folder with one sub-folder per Kaggle dataset")
+parser.add_argument("--openml-cache", default=None, help="openml cache folder (sets OPENML_CACHE_DIR)")
+parser.add_argument("--n-envs", type=int, default=None, help="parallel episodes N (paper 8)")
+parser.add_argument("--episode-steps", type=int, default=5, help="step limit of an episode (paper 5)")
+parser.add_argument("--timeout", type=float, default=60.0, help="seconds one program may run")
+parser.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: all cores)")
+# model
+parser.add_argument("--model", default="codellama/CodeLlama-7b-hf", help="Hugging Face id or path, or 'tiny'")
+parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoRA adapters (alpha = 2 r)")
+parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+# rollout
+parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
+parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
+parser.add_argument("--top-k", type=int, default=None, help="top-k of rollouts, 0 = off (paper 50)")
+# ETPO
+parser.add_argument("--algo", default="etpo", choices=["etpo"], help="the algorithm")
+parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
+parser.add_argument("--gamma", type=float, default=0.99, help="discount between actions (paper 0.99)")
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of both adapters")
+parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
+parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps per batch (paper 1)")
+parser.add_argument("--lam", type=float, default=0.0, help="lambda of the in-action target, 0 = paper's one-step")
+parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
+# run
+parser.add_argument("--steps", type=int, default=None, help="environment-step budget (paper 500)")
+parser.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+parser.add_argument("--seed", type=int, default=0, help="random seed")
+parser.add_argument("--sample-every", type=int, default=5, help="print one generated program every this many iterations")
+parser.add_argument("--save-every", type=int, default=5, help="write the checkpoint every this many iterations")
+args = parser.parse_args()
+
+PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
+    "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,
+                  steps=500),
+    "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.05, lr=3e-3, tau=0.1, q_steps=2,
+                 steps=32 * 30),
+}
+for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
+    if getattr(args, key) is None:
+        setattr(args, key, value)
+out = args.out or os.path.join("runs", f"{os.path.basename(args.dataset)}-{os.path.basename(args.model.rstrip('/'))}")
+ckpt_path = os.path.join(out, "ckpt.pt")
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+checkpoint = None
+if args.resume:
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = checkpoint["config"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
+             "train.py wrote, or start without --resume")
+    keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache"}
+    for key, value in saved.items():
+        if key not in keep:
+            setattr(args, key, value)  # the run continues with the configuration it started with
+iterations = args.steps // args.n_envs  # derived numbers, computed once
+print("config:", json.dumps(vars(args)))
+print(f"derived: {iterations} iterations of {args.n_envs} environment steps; run folder {out}")
+
+# -----------------------------------------------------------------------------------------------------------------
+# seed, environment, model, optimizers
+random.seed(args.seed)
+np.random.seed(args.seed)
+torch.manual_seed(args.seed)
+try:
+    dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
+    lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank)
+except (ValueError, OSError, RuntimeError) as e:
+    fail(str(e))
+device = lm.device
+generator = torch.Generator(device=device).manual_seed(args.seed)  # the rollouts' sampling
+sandbox = env.Sandbox(workers=args.workers)
+coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_steps, sandbox=sandbox,
+                           infill=lm.supports_infill, timeout=args.timeout)
+etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), tau=1.0)  # phi_bar <- phi
+opt_q = torch.optim.AdamW(lm.adapter_params("q"), lr=args.lr, weight_decay=0.0)
+opt_pi = torch.optim.AdamW(lm.adapter_params("policy"), lr=args.lr, weight_decay=0.0)
+start_it = 0
+if checkpoint is not None:
+    try:
+        lm.load_adapter_state(checkpoint["adapters"])
+    except ValueError as e:
+        fail(str(e))
+    opt_q.load_state_dict(checkpoint["opt_q"])
+    opt_pi.load_state_dict(checkpoint["opt_pi"])
+    coding_env.load_state_dict(checkpoint["env"])
+    sandbox.cache.update(checkpoint["reward_cache"])
+    random.setstate(checkpoint["rng"]["python"])
+    np.random.set_state(checkpoint["rng"]["numpy"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
+    start_it = checkpoint["it"]
+    print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
+os.makedirs(out, exist_ok=True)
+
+
+def save_checkpoint(it):
+    """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
+    state = {"adapters": lm.adapter_state(), "opt_q": opt_q.state_dict(), "opt_pi": opt_pi.state_dict(), "it": it,
+             "config": vars(args), "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "generator": generator.get_state()}}
+    torch.save(state, ckpt_path + ".tmp")
+    os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+
+
+stop_requested = False
+
+
+def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, save, exit; second: quit now
+    global stop_requested
+    if stop_requested:
+        raise KeyboardInterrupt
+    stop_requested = True
+    print("\nCtrl-C: finishing this iteration, then saving the checkpoint (Ctrl-C again quits without saving)")
+
+
+signal.signal(signal.SIGINT, on_sigint)
+tty = sys.stdout.isatty()
+log = open(os.path.join(out, "metrics.jsonl"), "a")
+bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
+
+# -----------------------------------------------------------------------------------------------------------------
+# the loop: ETPO, Algorithm 1
+for it in range(start_it, iterations):
+    t0 = time.time()
+    # 1. roll out pi_theta (the policy adapter) in N parallel episodes, one action each
+    prompts = list(coding_env.prompts)
+    with tqdm(total=1, desc="rollout", leave=False, disable=not tty):
+        tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature, top_k=args.top_k,
+                                             stop_strings=env.STOP_STRINGS, generator=generator)  # (B, T), (B,)
+    t_rollout = time.time() - t0
+    # 2. execute the code: reward r_t (ROC AUC or -1), done_t, and the next state s_{t+1}
+    rewards, dones, next_prompts, infos = coding_env.step(texts)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)  # (B,)
+    dones_t = torch.tensor(dones, dtype=torch.float32, device=device)  # (B,)
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
+    mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).float()  # (B, T) real tokens
+    action = (prompt_ids, prompt_mask, tokens, mask)
+
+    # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
+    # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
+    # only chose which prefixes were visited, and the Q regression is valid for any behaviour policy.
+    with torch.no_grad():
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V) pi_bar, kept until step 5 of this iteration only
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)  # (B, T, V)
+        with lm.adapter("q_target"):
+            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) Q_target(x^j, .)
+        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, args.beta)  # (B, T) V(x^j), j = 0..T-1
+        q_tgt_taken = q_tgt.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q_target(x^j, w^{j+1})
+        kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
+        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()  # (B, T) l_bar(x^j)[w^{j+1}]
+        del pi_logits, q_tgt
+        next_values = torch.zeros_like(rewards_t)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
+        live = torch.nonzero(dones_t == 0).flatten()
+        if len(live):
+            next_ids, next_mask = lm.encode_prompts([next_prompts[i] for i in live.tolist()])
+            with lm.adapter(None):
+                next_ref = lm.last_logits(next_ids, next_mask)  # (n, V)
+            with lm.adapter("policy"):
+                next_pi = lm.last_logits(next_ids, next_mask)
+            with lm.adapter("q_target"):
+                next_q = etpo.q_from_logits(lm.last_logits(next_ids, next_mask), next_ref)
+            next_values[live] = etpo.soft_value(next_pi, next_q, next_ref, args.beta)
+        # ETPO eq. 6: y = V(x^{j+1}) inside the action, y = r + gamma * (1 - done) * V(x_{t+1}^0) on its last token
+        y = etpo.token_targets(values, lengths, rewards_t, next_values, dones_t, args.gamma, lam=args.lam,
+                               q_target_taken=q_tgt_taken)  # (B, T)
+
+    # 4. Q update on the q adapter: regress Q(x^{j-1}, w^j) = l_Q[w] - l_bar[w] on the sampled tokens to y
+    losses_q = []
+    for _ in range(args.q_steps):
+        with lm.adapter("q"):
+            q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken  # (B, T)
+            loss_q = etpo.q_loss(q_taken, y, mask, args.huber_delta)
+            opt_q.zero_grad(set_to_none=True)
+            loss_q.backward()
+        if torch.isfinite(loss_q):
+            opt_q.step()
+        losses_q.append(loss_q.item())
+
+    # 5. policy update on the policy adapter: KL(pi_theta || pi*) with pi* ~ pi_bar * exp(Q / beta), Q held fixed
+    with torch.no_grad(), lm.adapter("q"):
+        q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
+    before = [p.detach().clone() for p in lm.adapter_params("policy")]
+    with lm.adapter("policy"):
+        loss_pi = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, args.beta, mask)
+        opt_pi.zero_grad(set_to_none=True)
+        loss_pi.backward()
+    finite = torch.isfinite(loss_pi) and all(math.isfinite(x) for x in losses_q)
+    if torch.isfinite(loss_pi):
+        opt_pi.step()
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before)) / sum(
+        b.numel() for b in before)
+    q_first = float(q_taken[:, 0].detach().mean())  # how far back credit has travelled: Q of the first and last tokens
+    q_last = float(q_taken.detach().gather(1, (lengths - 1)[:, None]).mean())
+    del q, ref_logits, before
+
+    # 6. Polyak: phi_bar <- (1 - tau) * phi_bar + tau * phi
+    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), args.tau)
+
+    # -------------------------------------------------------------------------------------------------------------
+    # logging, best program, checkpoint, NaN guard
+    if not finite:
+        bad_updates += 1
+        print(f"warning: iteration {it}: non-finite loss (Q {losses_q}, pi {loss_pi.item()}); that update was skipped")
+        if bad_updates >= 3:
+            save_checkpoint(it + 1)
+            fail(f"{bad_updates} non-finite losses in a row; the last good state is in {ckpt_path}: lower --lr "
+                 "or raise --beta and resume")
+    else:
+        bad_updates = 0
+    elapsed = time.time() - t_start
+    n_done = it + 1 - start_it
+    success = np.array([info["error"] is None for info in infos])
+    first = np.array([info["step"] == 1 for info in infos])  # first attempts, from the task prompt s_0
+    metrics = {"it": it, "env_steps": coding_env.env_steps, "env/reward_mean": float(rewards.mean()),
+               "env/success_rate": float(success.mean()), "env/auc_best": coding_env.best_reward,
+               "env/first_try_reward": float(rewards[first].mean()) if first.any() else None,
+               "env/episodes": coding_env.episodes, "loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(),
+               "policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "policy/changed_frac": changed,
+               "q/first_token": q_first, "q/last_token": q_last, "perf/tokens_per_s": float(lengths.sum()) / t_rollout,
+               "perf/iter_s": time.time() - t0, "time_s": elapsed}
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+    eta = elapsed / n_done * (iterations - it - 1)
+    print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
+          f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | Q {metrics['loss/q']:.4f} | "
+          f"pi {metrics['loss/pi']:+.3f} | kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
+          f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
+    if coding_env.best_reward > best_seen:
+        best_seen = coding_env.best_reward
+        with open(os.path.join(out, "best_code.py"), "w") as f:
+            f.write(f"# ROC AUC {best_seen:.4f} on {dataset.name} (mean of 5 random 50/50 splits), "
+                    f"iteration {it + 1}, environment step {coding_env.env_steps}\n{coding_env.best_code}")
+    if args.sample_every and (it + 1) % args.sample_every == 0:
+        info = infos[0]
+        result = f"reward {info['reward']:.4f}" if info["error"] is None else f"error: {info['error'].splitlines()[-1]}"
+        print(f"--- sample (episode step {info['step']}):\n{info['code'].rstrip()}\n--- {result}")
+    last = it + 1 == iterations
+    if last or stop_requested or (it + 1) % args.save_every == 0:
+        save_checkpoint(it + 1)
+    if stop_requested:
+        print(f"saved {ckpt_path} at iteration {it + 1}; continue with --resume --out {out}")
+        break
+
+sandbox.close()
+print(f"done: best ROC AUC {coding_env.best_reward:.4f} on {dataset.name}; files in {out}")
