@@ -117,7 +117,8 @@ def load_dataset(name, data_dir=None, openml_cache=None):
             raise ValueError(f"the CSV {path} has no column '{target}'; its columns are {list(df.columns)}")
         name = os.path.splitext(os.path.basename(path))[0]
     else:
-        raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(dataset_names())}, or a path.csv[:target]")
+        names = ", ".join(dataset_names())
+        raise ValueError(f"unknown dataset '{name}'; choose one of {names}, or a path.csv[:target]")
     return prepare(name, df, target, source)
 
 
@@ -466,7 +467,8 @@ class Sandbox:
         new = {} if dataset.key in self.sent else {dataset.key: (dataset.X, dataset.y, dataset.X_test, dataset.y_test)}
         deadline = time.monotonic() + 30 + (len(jobs) // self.workers + 1) * (timeout + 5)
         try:
-            _send(self.proc.stdin, {"datasets": new, "jobs": jobs, "workers": self.workers, "memory_mb": self.memory_mb})
+            request = {"datasets": new, "jobs": jobs, "workers": self.workers, "memory_mb": self.memory_mb}
+            _send(self.proc.stdin, request)
             self.sent.add(dataset.key)
             while time.monotonic() < deadline:
                 if select.select([self.proc.stdout], [], [], 1.0)[0]:

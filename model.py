@@ -151,43 +151,50 @@ class AdapterLM(nn.Module):
         prompt_mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, P)
         return prompt_ids, prompt_mask
 
-    @torch.no_grad()
     def generate(self, prompts, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                  stop_strings=(), generator=None):
-        """Sample one action per prompt with a KV cache. Returns tokens (B, T) right-padded with pad_token_id,
-        lengths (B,) counting EOS (or <EOT>) or the token that completed a stop string, and the decoded texts.
-        Only the sampling settings given here apply (no hidden defaults): top_k 0 and top_p 1.0 mean off."""
+        """Sample one action per prompt. Returns tokens (B, T) right-padded with pad_token_id, lengths (B,) counting
+        EOS (or <EOT>) or the token that completed a stop string, and the decoded texts. Training uses the token
+        ids; the text is only for the environment. Only the sampling settings given here apply (no hidden
+        defaults): top_k 0 and top_p 1.0 mean off."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
-        B, stop_ids, pad = len(prompts), self.stop_ids(), self.tokenizer.pad_token_id
+        tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
+                                          stop_strings, generator)
+        texts = [self.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(len(prompts))]
+        return tokens, lengths, texts
+
+    @torch.no_grad()
+    def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
+                   top_p=1.0, stop_strings=(), generator=None):
+        """The sampling loop on token ids, with a KV cache: one prefill of the left-padded prompts (B, P), then one
+        token per step for every row until each row has stopped or max_new_tokens is reached."""
+        B = prompt_ids.shape[0]
+        stop_ids = self.stop_ids() if self.tokenizer is not None else torch.empty(0, dtype=torch.long)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         mask = prompt_mask.clone()  # (B, P + t) grows one column per step
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)  # (B, T)
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        texts = [""] * B
         with self.adapter(adapter):
             out = self.hf(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
             for t in range(max_new_tokens):
-                logits = out.logits[:, -1].float()  # (B, V)
-                w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                w = sample(out.logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
                 w = torch.where(done, torch.full_like(w, pad), w)
                 tokens[:, t] = w
                 lengths += (~done).long()
-                done |= torch.isin(w, stop_ids)
+                done |= torch.isin(w, stop_ids.to(w.device))
                 if stop_strings:  # decode only the unfinished rows; a stop string ends the action
                     for b in torch.nonzero(~done).flatten().tolist():
-                        texts[b] = self.tokenizer.decode(tokens[b, : t + 1], skip_special_tokens=True)
-                        done[b] = any(s in texts[b] for s in stop_strings)
+                        text = self.tokenizer.decode(tokens[b, : t + 1], skip_special_tokens=True)
+                        done[b] = any(s in text for s in stop_strings)
                 if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, P + t + 1)
                 positions = positions[:, -1:] + 1  # (B, 1)
                 out = self.hf(input_ids=w[:, None], attention_mask=mask, position_ids=positions,
                               past_key_values=out.past_key_values, logits_to_keep=1)
-        T = int(lengths.max())
-        tokens = tokens[:, :T]  # (B, T)
-        texts = [self.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(B)]
-        return tokens, lengths, texts
+        return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
 
     # ------------------------------------------------------------------------------------------------------------
     # adapters on disk: only the LoRA weights, never the base
@@ -241,7 +248,8 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "tiny":
         hf, tok = build_tiny(cache_dir)
-        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name, max_prompt_tokens=TINY_WINDOW)
+        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name,
+                         max_prompt_tokens=TINY_WINDOW)
     if device.type != "cuda" and name != "tiny" and not os.environ.get("ETPO_ALLOW_CPU_LLM"):
         raise RuntimeError(f"{name} needs a CUDA GPU and none is visible: use --model tiny on a CPU")
     if name == "codellama-7b-arch":
@@ -296,8 +304,9 @@ TINY_CLASSIFIERS = [  # (import line, constructor with {} for hyper-parameters, 
      ["max_depth=1", "max_depth=3", "max_depth=6", "min_samples_leaf=5", "random_state=0"]),
     ("from sklearn.naive_bayes import GaussianNB", "GaussianNB({})", []),
     ("from sklearn.discriminant_analysis import LinearDiscriminantAnalysis", "LinearDiscriminantAnalysis({})", []),
-    ("from sklearn.ensemble import AdaBoostClassifier", "AdaBoostClassifier({})", ["n_estimators=50", "random_state=0"]),
-    ("from sklearn.svm import SVC", "SVC({})", ["C=1.0", "probability=True", "gamma='scale'"]),  # needs probability=True
+    ("from sklearn.ensemble import AdaBoostClassifier", "AdaBoostClassifier({})",
+     ["n_estimators=50", "random_state=0"]),
+    ("from sklearn.svm import SVC", "SVC({})", ["C=1.0", "probability=True", "gamma='scale'"]),  # needs probability
     ("from sklearn.svm import LinearSVC", "LinearSVC({})", ["C=1.0"]),  # broken: no predict_proba
     ("from sklearn.linear_model import RidgeClassifier", "RidgeClassifier({})", ["alpha=1.0"]),  # broken: same
 ]
@@ -329,7 +338,8 @@ def tiny_prompt(rng, corpus):
     words = ["age", "income", "score", "size", "color", "count", "rate", "level", "length", "weight", "type", "class"]
     lines = [f"# Dataset: {rng.choice(words)}_{rng.randint(0, 99)}, {rng.randint(100, 2000)} rows."]
     for i in range(rng.randint(2, 12)):
-        kind = rng.choice([f"numeric, {rng.random():.3g} .. {rng.randint(1, 900)}", f"categorical, {rng.randint(2, 9)} values"])
+        kind = rng.choice([f"numeric, {rng.random():.3g} .. {rng.randint(1, 900)}",
+                           f"categorical, {rng.randint(2, 9)} values"])
         lines.append(f"#   {i}: {rng.choice(words)}_{rng.choice(words)} ({kind})")
     task = "# Write the body of build_model: fit a scikit-learn classifier that has predict_proba on x_train, y_train"
     if rng.random() < 0.3:

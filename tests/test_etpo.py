@@ -183,7 +183,8 @@ def test_soft_value_matches_hand_computation_and_upcasts_bf16():
     kl = 0.5 * math.log(2.0) + 0.25 * math.log(0.5)
     expected = 0.5 * 1.0 + 0.25 * -1.0 + 0.25 * 2.0 - beta * kl
     assert float(soft_value(pi_logits, q, ref_logits, beta)) == pytest.approx(expected, abs=1e-6)
-    out = soft_value(pi_logits.bfloat16()[None, None], q.bfloat16()[None, None], ref_logits.bfloat16()[None, None], beta)
+    bf16 = [t.bfloat16()[None, None] for t in (pi_logits, q, ref_logits)]
+    out = soft_value(bf16[0], bf16[1], bf16[2], beta)
     assert out.dtype == torch.float32 and out.shape == (1, 1)
 
 
@@ -277,9 +278,9 @@ def test_q_loss_masks_padding_and_huber_option():
     q_taken = torch.tensor([[1.0, 2.0, 100.0], [0.0, 0.0, 0.0]], requires_grad=True)
     targets = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert float(q_loss(q_taken, targets, mask)) == pytest.approx((1 + 4 + 9) / 3)
+    assert q_loss(q_taken, targets, mask).item() == pytest.approx((1 + 4 + 9) / 3)
     # Huber, delta 1: 0.5 * 1, then |e| - 0.5 for |e| > 1
-    assert float(q_loss(q_taken, targets, mask, huber_delta=1.0)) == pytest.approx((0.5 + 1.5 + 2.5) / 3)
+    assert q_loss(q_taken, targets, mask, huber_delta=1.0).item() == pytest.approx((0.5 + 1.5 + 2.5) / 3)
 
 
 def test_q_is_zero_at_init_and_polyak_averages():

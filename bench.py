@@ -1,0 +1,191 @@
+"""
+Measure ETPO's hot loop against the machine's own limits (in the spirit of nanoGPT's bench.py).
+
+On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact shapes, random bf16 weights, no
+download) and reports: rollout tokens/s with the KV cache against the decode roofline (weight bytes per step over
+the HBM bandwidth measured here), the milliseconds and MFU of one full ETPO update against the bf16 matmul rate
+measured here, peak memory of both, the largest batch that fits, and the bytes stored per transition between the
+rollout and the update. On a CPU it runs the `tiny` preset, so CI can smoke-test it.
+
+    python bench.py                                    # the model: rollout, update, memory
+    python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
+"""
+
+import argparse
+import time
+
+import torch
+
+import env
+import etpo
+import model
+
+parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
+parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
+parser.add_argument("--batch", type=int, default=8, help="transitions per update B")
+parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens P")
+parser.add_argument("--action-len", type=int, default=256, help="action tokens T")
+parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout measurement")
+parser.add_argument("--iters", type=int, default=3, help="timed repetitions (after one warm-up)")
+parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
+parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
+parser.add_argument("--openml-cache", default=None, help="openml cache folder")
+parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
+parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
+args = parser.parse_args()
+cuda = torch.cuda.is_available()
+device = torch.device("cuda" if cuda else "cpu")
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters):
+    """Mean seconds of fn() over iters runs, after one warm-up run."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+if args.env:  # ----------------------------------------------------------------------------------------------------
+    dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
+    programs = [env.SIGNATURE + body for body in model.tiny_corpus()[:16]]  # varied, some broken, like a policy's
+    sandbox = env.Sandbox(workers=args.workers)
+    t0 = time.perf_counter()
+    results = sandbox.run(programs, dataset)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sandbox.run(programs, dataset)
+    warm = time.perf_counter() - t0
+    sandbox.close()
+    ok = sum(error is None for _, error in results)
+    print(f"| dataset | programs | runnable | workers | cold (s) | warm cache (s) |\n|---|---|---|---|---|---|\n"
+          f"| {dataset.name} | {len(programs)} | {ok} | {args.workers} | {cold:.2f} | {warm:.4f} |")
+    raise SystemExit
+
+# ----------------------------------------------------------------------------------------------------------------
+# the machine's limits: bf16 (fp32 on CPU) matmul rate and memory bandwidth, measured here
+name = args.model or ("codellama-7b-arch" if cuda else "tiny")
+dtype = torch.bfloat16 if cuda else torch.float32
+n = 8192 if cuda else 1024
+a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+peak_flops = 2 * n**3 / timed(lambda: a @ b, 10)
+x = torch.empty(2**28 if cuda else 2**26, dtype=torch.uint8, device=device)
+y = torch.empty_like(x)
+bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x), 10)  # bytes read + written per second
+del a, b, x, y
+
+lm = model.load(name, device=device)
+cfg = lm.hf.config
+V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())
+linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
+print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights, "
+      f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)")
+
+
+def random_prompts(B, P):
+    ids = torch.randint(3, V, (B, P), device=device)  # (B, P); ids 0-2 are special in every preset
+    return ids, torch.ones_like(ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. rollout: tokens/s with the KV cache, against the decode roofline
+rows = []
+for B in [int(s) for s in args.rollout_batches.split(",")]:
+    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
+    lengths = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def rollout():
+        lengths.append(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0)[1])
+
+    seconds = timed(rollout, args.iters)
+    tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
+    # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV reads ignored)
+    roofline = B * bandwidth / weight_bytes
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    rows.append(f"| rollout B={B} | {tokens / seconds:,.0f} tok/s | {tokens / seconds / roofline:.0%} of "
+                f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. one full ETPO update, a stripped copy of train.py steps 3-6 on random tokens
+def update(B):
+    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
+    tokens = torch.randint(3, V, (B, args.action_len), device=device)  # (B, T)
+    mask = torch.ones(B, args.action_len, device=device)  # (B, T)
+    lengths = torch.full((B,), args.action_len, device=device)
+    action = (prompt_ids, prompt_mask, tokens, mask)
+    with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V)
+            next_ref = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)
+            next_pi = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("q_target"):
+            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+            next_q = etpo.q_from_logits(lm.last_logits(prompt_ids, prompt_mask), next_ref)
+        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, 0.01)
+        next_values = etpo.soft_value(next_pi, next_q, next_ref, 0.01)
+        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
+        y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
+                               torch.zeros(B, device=device), 0.99)
+        del ref_logits, pi_logits, q_tgt
+    stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
+    with lm.adapter("q"):  # 4. Q update
+        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
+        etpo.q_loss(q_taken, y, mask).backward()
+    with torch.no_grad():  # 5. policy update
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)
+        with lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+    with lm.adapter("policy"):
+        etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask).backward()
+    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
+    for p in lm.parameters():
+        p.grad = None
+    return sum(t.numel() * t.element_size() for t in stored) / B
+
+
+B, P, T = args.batch, args.prompt_len, args.action_len
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+bytes_per_transition = []
+seconds = timed(lambda: bytes_per_transition.append(update(B)), args.iters)
+peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+# FLOPs (PaLM appendix B style, arXiv 2204.02311): a forward over S tokens costs 2 * N_linear * S for the
+# projections + 2 * L * S^2 * d for causal attention (QK^T and AV, half the S x S scores) + 2 * d * V per kept
+# logit. The base is frozen, so a backward only computes input gradients: about one more forward.
+S = P + T
+forward = B * (2 * linear_params * S + 2 * L * S * S * d + 2 * d * V * (T + 1))  # one action forward
+prompt_forward = B * (2 * linear_params * P + 2 * L * P * P * d + 2 * d * V)  # one next-state forward
+flops = 7 * forward + 2 * forward + 3 * prompt_forward  # 3 + 1 + 2 + 1 forwards, 2 backwards, 3 next-state forwards
+rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
+            f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak:.1f} GiB |")
+rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
+            f"the taken token, prompt ids | |")
+
+if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from B
+    fits, trial = 0, B
+    while True:
+        try:
+            update(trial)
+            fits, trial = trial, trial * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    rows.append(f"| largest update batch (P={P}, T={T}) | B = {fits} fits, {trial} does not | | |")
+
+print("| what | figure | against | peak memory |\n|---|---|---|---|")
+print("\n".join(rows))
