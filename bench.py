@@ -9,6 +9,7 @@ rollout and the update. On a CPU it runs the `tiny` preset, so CI can smoke-test
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
+    python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
 """
 
 import argparse
@@ -29,6 +30,8 @@ parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for t
 parser.add_argument("--iters", type=int, default=3, help="timed repetitions (after one warm-up)")
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
+parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
@@ -67,6 +70,25 @@ if args.env:  # ----------------------------------------------------------------
     ok = sum(error is None for _, error in results)
     print(f"| dataset | programs | runnable | workers | cold (s) | warm cache (s) |\n|---|---|---|---|---|---|\n"
           f"| {dataset.name} | {len(programs)} | {ok} | {args.workers} | {cold:.2f} | {warm:.4f} |")
+    raise SystemExit
+
+if args.sample:  # -------------------------------------------------------------------------------------------------
+    dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
+    t0 = time.perf_counter()
+    lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device)
+    load_s = time.perf_counter() - t0
+    torch.manual_seed(0)
+    prompt = env.task_prompt(dataset, lm.supports_infill)
+    _, _, texts = lm.generate([prompt] * 64, adapter=None, max_new_tokens=args.action_len,
+                              temperature=args.temperature, stop_strings=env.STOP_STRINGS)
+    sandbox = env.Sandbox(workers=args.workers)
+    results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
+    sandbox.close()
+    runnable = sum(error is None for _, error in results)
+    mean = sum(reward for reward, _ in results) / len(results)
+    print(f"| model | dataset | temperature | runnable of 64 | distinct programs | mean reward | load (s) |\n"
+          f"|---|---|---|---|---|---|---|\n| {lm.name} | {dataset.name} | {args.temperature} | {runnable} "
+          f"| {len(set(texts))} | {mean:+.3f} | {load_s:.1f} |")
     raise SystemExit
 
 # ----------------------------------------------------------------------------------------------------------------

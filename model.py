@@ -152,22 +152,23 @@ class AdapterLM(nn.Module):
         return prompt_ids, prompt_mask
 
     def generate(self, prompts, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                 stop_strings=(), generator=None):
+                 stop_strings=(), generator=None, progress=None):
         """Sample one action per prompt. Returns tokens (B, T) right-padded with pad_token_id, lengths (B,) counting
         EOS (or <EOT>) or the token that completed a stop string, and the decoded texts. Training uses the token
         ids; the text is only for the environment. Only the sampling settings given here apply (no hidden
         defaults): top_k 0 and top_p 1.0 mean off."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
-                                          stop_strings, generator)
+                                          stop_strings, generator, progress)
         texts = [self.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(len(prompts))]
         return tokens, lengths, texts
 
     @torch.no_grad()
     def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
-                   top_p=1.0, stop_strings=(), generator=None):
+                   top_p=1.0, stop_strings=(), generator=None, progress=None):
         """The sampling loop on token ids, with a KV cache: one prefill of the left-padded prompts (B, P), then one
-        token per step for every row until each row has stopped or max_new_tokens is reached."""
+        token per step for every row until each row has stopped or max_new_tokens is reached. `progress` (a tqdm
+        bar, optional) advances one per step."""
         B = prompt_ids.shape[0]
         stop_ids = self.stop_ids() if self.tokenizer is not None else torch.empty(0, dtype=torch.long)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
@@ -176,6 +177,8 @@ class AdapterLM(nn.Module):
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)  # (B, T)
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
+        self.hf.eval()
         with self.adapter(adapter):
             out = self.hf(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
             for t in range(max_new_tokens):
@@ -183,6 +186,8 @@ class AdapterLM(nn.Module):
                 w = torch.where(done, torch.full_like(w, pad), w)
                 tokens[:, t] = w
                 lengths += (~done).long()
+                if progress is not None:
+                    progress.update(1)
                 done |= torch.isin(w, stop_ids.to(w.device))
                 if stop_strings:  # decode only the unfinished rows; a stop string ends the action
                     for b in torch.nonzero(~done).flatten().tolist():
@@ -194,6 +199,7 @@ class AdapterLM(nn.Module):
                 positions = positions[:, -1:] + 1  # (B, 1)
                 out = self.hf(input_ids=w[:, None], attention_mask=mask, position_ids=positions,
                               past_key_values=out.past_key_values, logits_to_keep=1)
+        self.hf.train(training)
         return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -240,33 +246,55 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # 3. Presets
 
 
-def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None):
-    """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path."""
-    from transformers.utils import logging
+def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
+         checkpointing=False):
+    """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
+    checkpointing=True recomputes each block's activations in the backward pass (less memory, ~30% more compute)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "tiny":
         hf, tok = build_tiny(cache_dir)
-        return AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name,
-                         max_prompt_tokens=TINY_WINDOW)
-    if device.type != "cuda" and name != "tiny" and not os.environ.get("ETPO_ALLOW_CPU_LLM"):
-        raise RuntimeError(f"{name} needs a CUDA GPU and none is visible: use --model tiny on a CPU")
-    if name == "codellama-7b-arch":
-        return AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, name=name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name, max_prompt_tokens=TINY_WINDOW)
+    elif name == "codellama-7b-arch":
+        if device.type != "cuda":
+            raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
+        lm = AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, name=name)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+            billions = approx_parameters(config) / 1e9
+            if device.type != "cuda" and billions > 1.0:
+                raise RuntimeError(f"{name} has about {billions:.0f}B parameters and needs a CUDA GPU, and none is "
+                                   "visible: use --model tiny on a CPU")
+            tok = AutoTokenizer.from_pretrained(name)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            old = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 56)  # `dtype` was torch_dtype
+            hf = AutoModelForCausalLM.from_pretrained(name, **{"torch_dtype" if old else "dtype": dtype}).to(device)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine "
+                               "is offline, pass a local path with --model or use --model tiny") from None
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+        hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
+        lm = AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, name=name)
+    if checkpointing:  # transformers checkpoints only in training mode; Llama-family models have no dropout
+        enable = getattr(lm.hf, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.hf.train()
+    return lm
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
-    except OSError as e:
-        raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine is "
-                           f"offline, pass a local path with --model or use --model tiny") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
-    return AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, name=name)
+
+def approx_parameters(config):
+    """Parameters of a decoder-only transformer from its config: L * (4 d^2 + 3 d * d_ff) + 2 * V * d."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    d_ff = getattr(config, "intermediate_size", None) or 4 * d
+    return L * (4 * d * d + 3 * d * d_ff) + 2 * config.vocab_size * d
 
 
 def build_codellama_arch(device):

@@ -47,6 +47,7 @@ parser.add_argument("--workers", type=int, default=None, help="programs run in p
 parser.add_argument("--model", default="codellama/CodeLlama-7b-hf", help="Hugging Face id or path, or 'tiny'")
 parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoRA adapters (alpha = 2 r)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: less memory, more compute")
 # rollout
 parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
@@ -59,6 +60,7 @@ parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate 
 parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
 parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps per batch (paper 1)")
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip each adapter's gradient norm, 0 = off")
 parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
 # run
 parser.add_argument("--steps", type=int, default=None, help="environment-step budget (paper 500)")
@@ -72,7 +74,7 @@ args = parser.parse_args()
 PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
     "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,
                   lam=0.0, steps=500),
-    "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.1, lr=1e-3, tau=0.1, q_steps=2,
+    "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.2, lr=1e-3, tau=0.05, q_steps=2,
                  lam=1.0, steps=32 * 30),
 }
 for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
@@ -109,7 +111,8 @@ np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 try:
     dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
-    lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank)
+    lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
+                    checkpointing=args.checkpointing)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
@@ -136,7 +139,15 @@ if checkpoint is not None:
     generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
     start_it = checkpoint["it"]
     print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
+elif os.path.exists(ckpt_path):
+    fail(f"{out} already holds a run; continue it with --resume, or pass another --out")
 os.makedirs(out, exist_ok=True)
+metrics_path = os.path.join(out, "metrics.jsonl")
+kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it
+if checkpoint is not None and os.path.exists(metrics_path):
+    kept = [line for line in open(metrics_path) if json.loads(line)["it"] < start_it]
+log = open(metrics_path, "w")
+log.writelines(kept)
 
 
 def save_checkpoint(it):
@@ -162,7 +173,6 @@ def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, save, exit;
 
 signal.signal(signal.SIGINT, on_sigint)
 tty = sys.stdout.isatty()
-log = open(os.path.join(out, "metrics.jsonl"), "a")
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -171,13 +181,14 @@ for it in range(start_it, iterations):
     t0 = time.time()
     # 1. roll out pi_theta (the policy adapter) in N parallel episodes, one action each
     prompts = list(coding_env.prompts)
-    with tqdm(total=1, desc="rollout", leave=False, disable=not tty):
+    with tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty) as bar:
         tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_k=args.top_k,
-                                             stop_strings=env.STOP_STRINGS, generator=generator)  # (B, T), (B,)
+                                             stop_strings=env.STOP_STRINGS, generator=generator, progress=bar)
     t_rollout = time.time() - t0
     # 2. execute the code: reward r_t (ROC AUC or -1), done_t, and the next state s_{t+1}
-    rewards, dones, next_prompts, infos = coding_env.step(texts)
+    with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
+        rewards, dones, next_prompts, infos = coding_env.step(texts)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)  # (B,)
     dones_t = torch.tensor(dones, dtype=torch.float32, device=device)  # (B,)
     prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
@@ -223,6 +234,8 @@ for it in range(start_it, iterations):
             opt_q.zero_grad(set_to_none=True)
             loss_q.backward()
         if torch.isfinite(loss_q):
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), args.grad_clip)
             opt_q.step()
         losses_q.append(loss_q.item())
 
@@ -239,6 +252,8 @@ for it in range(start_it, iterations):
         loss_pi.backward()
     finite = torch.isfinite(loss_pi) and all(math.isfinite(x) for x in losses_q)
     if torch.isfinite(loss_pi):
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), args.grad_clip)
         opt_pi.step()
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before)) / sum(
         b.numel() for b in before)

@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_train.py -q
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,6 +62,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert len(a) == 4 and a == b
 
 
+def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "800", "--out", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("it 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "saved" in stdout and "--resume" in stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert 1 <= ckpt["it"] < 100 and len(metrics(out)) == ckpt["it"]
+    r = train(*TINY, "--n-envs", "8", "--steps", "800", "--out", out)  # a new run never overwrites a saved one
+    assert r.returncode != 0 and "already holds a run" in r.stderr
+
+
 def test_short_run_raises_the_reward_of_first_attempts(tmp_path):
     out = str(tmp_path / "learn")
     r = train("--model", "tiny", "--dataset", "breast_cancer", "--steps", "512", "--sample-every", "0", "--out", out)
@@ -72,7 +90,8 @@ def test_short_run_raises_the_reward_of_first_attempts(tmp_path):
 
 @pytest.mark.parametrize("args,phrase", [
     (["--dataset", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
-    (["--dataset", "iris", "--model", "codellama/CodeLlama-7b-hf", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "SEVEN_B", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "no-such-org/no-such-model", "--device", "cpu"], "could not load the model"),
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
 ])
@@ -80,7 +99,14 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
-    args = [str(tmp_path / "empty") if a == "EMPTY" else str(bad) if a == "BAD" else a for a in args]
+    if "SEVEN_B" in args:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        from transformers import LlamaConfig  # CodeLlama-7B's config alone: enough to know it needs a GPU
+
+        LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008).save_pretrained(tmp_path / "7b")
+    paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b")}
+    args = [paths.get(a, a) for a in args]
     r = train(*args, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
