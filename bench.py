@@ -95,13 +95,21 @@ if args.sample:  # -------------------------------------------------------------
 # the machine's limits: bf16 (fp32 on CPU) matmul rate and memory bandwidth, measured here
 name = args.model or ("codellama-7b-arch" if cuda else "tiny")
 dtype = torch.bfloat16 if cuda else torch.float32
-n = 8192 if cuda else 1024
-a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-peak_flops = 2 * n**3 / timed(lambda: a @ b, 10)
-x = torch.empty(2**28 if cuda else 2**26, dtype=torch.uint8, device=device)
-y = torch.empty_like(x)
-bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x), 10)  # bytes read + written per second
-del a, b, x, y
+
+
+def matmul_rate(n):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, 10)  # FLOP/s
+
+
+def copy_bandwidth(nbytes):
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * nbytes / timed(lambda: y.copy_(x), 10)  # bytes read + written per second
+
+
+peak_flops = matmul_rate(8192 if cuda else 1024)
+bandwidth = copy_bandwidth(2**30 if cuda else 2**26)
 
 lm = model.load(name, device=device)
 cfg = lm.hf.config

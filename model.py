@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ADAPTERS = ("policy", "q", "q_target")
+ADAPTERS = ("policy", "q", "q_target")  # ETPO's; PPO-KL (ppo_kl.py) uses ("policy", "value")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,9 +72,11 @@ class AdapterLM(nn.Module):
                  max_prompt_tokens=None):
         super().__init__()
         self.hf, self.tokenizer, self.name, self.max_prompt_tokens = hf_model, tokenizer, name, max_prompt_tokens
+        self.names = tuple(adapters)
         self.lora = {"r": r, "alpha": alpha, "targets": list(targets)}
         for p in self.hf.parameters():
             p.requires_grad_(False)
+            p.grad = None
         self.layers = []  # every LoRALinear, in a fixed order
         for module_name, module in list(self.hf.named_modules()):
             for child_name, child in list(module.named_children()):
@@ -84,6 +86,10 @@ class AdapterLM(nn.Module):
                     self.layers.append(lora)
         if not self.layers:
             raise ValueError(f"no linear layer named {list(targets)} in {name}: pass --lora-targets for this model")
+        if "value" in self.names:  # PPO-KL's V(s): a scalar head on the last prompt token, zero at init
+            self.value_head = nn.Linear(self.hf.config.hidden_size, 1, device=self.device, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     @property
     def supports_infill(self):
@@ -115,7 +121,8 @@ class AdapterLM(nn.Module):
                 layer.active = previous
 
     def adapter_params(self, name):
-        return [p for layer in self.layers for p in (layer.A[name], layer.B[name])]
+        params = [p for layer in self.layers for p in (layer.A[name], layer.B[name])]
+        return params + (list(self.value_head.parameters()) if name == "value" else [])
 
     def action_logits(self, prompt_ids, prompt_mask, tokens, action_mask):
         """Logits at the positions that predict each action token, (B, T, V), never the prompt's (B, P, V).
@@ -129,6 +136,13 @@ class AdapterLM(nn.Module):
         T = tokens.shape[1]
         out = self.hf(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=T + 1, use_cache=False)
         return out.logits[:, :-1]  # (B, T, V): positions P-1 .. P+T-2
+
+    def state_value(self, prompt_ids, prompt_mask):
+        """PPO-KL's V(s), (B,): the value head on the decoder's last hidden state of each prompt (run it inside
+        `with lm.adapter("value"):`)."""
+        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.hf.get_decoder()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions)
+        return self.value_head(hidden.last_hidden_state[:, -1].float())[:, 0]  # (B,)
 
     def last_logits(self, prompt_ids, prompt_mask):
         """Logits of the first action token, pi(.|x^0), (B, V): used for V(x_{t+1}^0)."""
@@ -207,14 +221,16 @@ class AdapterLM(nn.Module):
 
     def adapter_state(self):
         return {"lora": self.lora, "model": self.name,
-                "weights": {n: [p.detach().cpu() for p in self.adapter_params(n)] for n in ADAPTERS}}
+                "weights": {n: [p.detach().cpu() for p in self.adapter_params(n)] for n in self.names}}
 
     def load_adapter_state(self, state):
-        if state.get("lora") != self.lora or state.get("model") != self.name:
-            raise ValueError(f"the adapters were trained on {state.get('model')} with LoRA {state.get('lora')}, "
-                             f"not on {self.name} with LoRA {self.lora}: pass the same --model and --lora-rank")
+        same = state.get("lora") == self.lora and state.get("model") == self.name
+        if not same or set(state["weights"]) != set(self.names):
+            raise ValueError(f"the adapters {sorted(state['weights'])} were trained on {state.get('model')} with LoRA "
+                             f"{state.get('lora')}, not {sorted(self.names)} on {self.name} with LoRA {self.lora}: "
+                             "pass the same --model, --lora-rank and --algo")
         with torch.no_grad():
-            for n in ADAPTERS:
+            for n in self.names:
                 for p, saved in zip(self.adapter_params(n), state["weights"][n], strict=True):
                     p.copy_(saved)
 
@@ -247,7 +263,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
-         checkpointing=False):
+         checkpointing=False, adapters=ADAPTERS):
     """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
     checkpointing=True recomputes each block's activations in the backward pass (less memory, ~30% more compute)."""
     import transformers
@@ -257,11 +273,13 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "tiny":
         hf, tok = build_tiny(cache_dir)
-        lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, name=name, max_prompt_tokens=TINY_WINDOW)
+        lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name,
+                       max_prompt_tokens=TINY_WINDOW)
     elif name == "codellama-7b-arch":
         if device.type != "cuda":
             raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
-        lm = AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, name=name)
+        lm = AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, adapters=adapters,
+                       name=name)
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -279,7 +297,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
         hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
-        lm = AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, name=name)
+        lm = AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name)
     if checkpointing:  # transformers checkpoints only in training mode; Llama-family models have no dropout
         enable = getattr(lm.hf, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -443,4 +461,4 @@ def build_tiny(cache_dir=None, steps=600, seed=0):
     with open(os.path.join(path, "done"), "w") as f:
         json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
     print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
-    return hf, tok
+    return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)  # as later

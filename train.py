@@ -1,5 +1,5 @@
 """
-Train an LLM coding agent with ETPO: `python train.py --dataset cmc`.
+Train an LLM coding agent with ETPO: `python train.py --dataset cmc` (or the PPO-KL baseline: `--algo ppo_kl`).
 
 Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
 arXiv 2402.06700, Algorithm 1; ../shared/ETPO.md section 6. The loop below reads top to bottom as the paper's
@@ -13,11 +13,14 @@ Departures from the paper (each is a flag; README "Departures from the paper"):
 3. `--model tiny` uses its own defaults (PRESETS below), so a 2-core CPU learns something in minutes.
 4. Optional lambda-return targets inside an action (--lam, default 0 = the paper's one-step target) and several Q
    steps per batch (--q-steps, default 1).
+
+Both algorithms share everything but the update (etpo_update / ppo_kl_update below): the rollout, the environment,
+logging, checkpoints and resume. PPO-KL rolls out --rollout-steps environment steps per iteration (default: the
+episode's step limit) so that GAE has episodes to run over; ETPO needs one.
 """
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -26,11 +29,13 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import env
 import etpo
 import model
+import ppo_kl
 
 # -----------------------------------------------------------------------------------------------------------------
 # configuration: argparse, defaults = the paper (ETPO.md section 6); None = the model preset's value
@@ -52,8 +57,8 @@ parser.add_argument("--checkpointing", action="store_true", help="gradient check
 parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
 parser.add_argument("--top-k", type=int, default=None, help="top-k of rollouts, 0 = off (paper 50)")
-# ETPO
-parser.add_argument("--algo", default="etpo", choices=["etpo"], help="the algorithm")
+# ETPO (and what PPO-KL shares with it)
+parser.add_argument("--algo", default="etpo", choices=["etpo", "ppo_kl"], help="the algorithm")
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
 parser.add_argument("--gamma", type=float, default=0.99, help="discount between actions (paper 0.99)")
 parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of both adapters")
@@ -62,6 +67,12 @@ parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps 
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip each adapter's gradient norm, 0 = off")
 parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
+# PPO-KL only
+parser.add_argument("--rollout-steps", type=int, default=None, help="env steps per iteration (ETPO 1, PPO-KL 5)")
+parser.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda over environment steps")
+parser.add_argument("--clip", type=float, default=0.2, help="PPO clip range epsilon")
+parser.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
+parser.add_argument("--minibatches", type=int, default=4, help="minibatches per pass")
 # run
 parser.add_argument("--steps", type=int, default=None, help="environment-step budget (paper 500)")
 parser.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL)")
@@ -80,7 +91,10 @@ PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, smal
 for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
-out = args.out or os.path.join("runs", f"{os.path.basename(args.dataset)}-{os.path.basename(args.model.rstrip('/'))}")
+if args.rollout_steps is None:
+    args.rollout_steps = 1 if args.algo == "etpo" else args.episode_steps
+model_name = os.path.basename(args.model.rstrip("/"))
+out = args.out or os.path.join("runs", f"{os.path.basename(args.dataset)}-{model_name}-{args.algo}")
 ckpt_path = os.path.join(out, "ckpt.pt")
 
 
@@ -100,9 +114,11 @@ if args.resume:
     for key, value in saved.items():
         if key not in keep:
             setattr(args, key, value)  # the run continues with the configuration it started with
-iterations = args.steps // args.n_envs  # derived numbers, computed once
+batch = args.n_envs * args.rollout_steps  # derived numbers, computed once: transitions per iteration
+iterations = args.steps // batch
+adapters = ("policy", "q", "q_target") if args.algo == "etpo" else ("policy", "value")
 print("config:", json.dumps(vars(args)))
-print(f"derived: {iterations} iterations of {args.n_envs} environment steps; run folder {out}")
+print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}")
 
 # -----------------------------------------------------------------------------------------------------------------
 # seed, environment, model, optimizers
@@ -112,7 +128,7 @@ torch.manual_seed(args.seed)
 try:
     dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
-                    checkpointing=args.checkpointing)
+                    checkpointing=args.checkpointing, adapters=adapters)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
@@ -120,17 +136,18 @@ generator = torch.Generator(device=device).manual_seed(args.seed)  # the rollout
 sandbox = env.Sandbox(workers=args.workers)
 coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_steps, sandbox=sandbox,
                            infill=lm.supports_infill, timeout=args.timeout)
-etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), tau=1.0)  # phi_bar <- phi
-opt_q = torch.optim.AdamW(lm.adapter_params("q"), lr=args.lr, weight_decay=0.0)
-opt_pi = torch.optim.AdamW(lm.adapter_params("policy"), lr=args.lr, weight_decay=0.0)
+if args.algo == "etpo":
+    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), tau=1.0)  # phi_bar <- phi
+trained = ("policy", "q") if args.algo == "etpo" else ("policy", "value")  # q_target only moves by Polyak
+optimizers = {name: torch.optim.AdamW(lm.adapter_params(name), lr=args.lr, weight_decay=0.0) for name in trained}
 start_it = 0
 if checkpoint is not None:
     try:
         lm.load_adapter_state(checkpoint["adapters"])
     except ValueError as e:
         fail(str(e))
-    opt_q.load_state_dict(checkpoint["opt_q"])
-    opt_pi.load_state_dict(checkpoint["opt_pi"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(checkpoint["optimizers"][name])
     coding_env.load_state_dict(checkpoint["env"])
     sandbox.cache.update(checkpoint["reward_cache"])
     random.setstate(checkpoint["rng"]["python"])
@@ -152,7 +169,7 @@ log.writelines(kept)
 
 def save_checkpoint(it):
     """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
-    state = {"adapters": lm.adapter_state(), "opt_q": opt_q.state_dict(), "opt_pi": opt_pi.state_dict(), "it": it,
+    state = {"adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
              "config": vars(args), "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "generator": generator.get_state()}}
@@ -176,25 +193,26 @@ tty = sys.stdout.isatty()
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
 
 # -----------------------------------------------------------------------------------------------------------------
-# the loop: ETPO, Algorithm 1
-for it in range(start_it, iterations):
-    t0 = time.time()
-    # 1. roll out pi_theta (the policy adapter) in N parallel episodes, one action each
-    prompts = list(coding_env.prompts)
-    with tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty) as bar:
-        tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
-                                             temperature=args.temperature, top_k=args.top_k,
-                                             stop_strings=env.STOP_STRINGS, generator=generator, progress=bar)
-    t_rollout = time.time() - t0
-    # 2. execute the code: reward r_t (ROC AUC or -1), done_t, and the next state s_{t+1}
-    with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
-        rewards, dones, next_prompts, infos = coding_env.step(texts)
-    rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)  # (B,)
-    dones_t = torch.tensor(dones, dtype=torch.float32, device=device)  # (B,)
-    prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
-    mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).float()  # (B, T) real tokens
-    action = (prompt_ids, prompt_mask, tokens, mask)
+# the updates: ETPO (Algorithm 1, steps 3-6) and the PPO-KL baseline; each returns (all losses finite, metrics)
 
+
+def optimizer_step(name, loss):
+    """Clip the adapter's gradient norm and step its optimizer; a non-finite loss skips the step."""
+    if not torch.isfinite(loss):
+        return False
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(lm.adapter_params(name), args.grad_clip)
+    optimizers[name].step()
+    return True
+
+
+def taken_logp(logits, tokens):
+    """log pi(w^j | x^{j-1}) of the sampled tokens, (B, T), in float32."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+def etpo_update(action, lengths, rewards, dones, next_prompts):
+    prompt_ids, prompt_mask, tokens, mask = action
     # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
     # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
     # only chose which prefixes were visited, and the Q regression is valid for any behaviour policy.
@@ -210,8 +228,8 @@ for it in range(start_it, iterations):
         kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
         ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()  # (B, T) l_bar(x^j)[w^{j+1}]
         del pi_logits, q_tgt, ref_logits  # from here on, per-token scalars (B, T) only
-        next_values = torch.zeros_like(rewards_t)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
-        live = torch.nonzero(dones_t == 0).flatten()
+        next_values = torch.zeros_like(rewards)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
+        live = torch.nonzero(dones == 0).flatten()
         if len(live):
             next_ids, next_mask = lm.encode_prompts([next_prompts[i] for i in live.tolist()])
             with lm.adapter(None):
@@ -222,21 +240,18 @@ for it in range(start_it, iterations):
                 next_q = etpo.q_from_logits(lm.last_logits(next_ids, next_mask), next_ref)
             next_values[live] = etpo.soft_value(next_pi, next_q, next_ref, args.beta)
         # ETPO eq. 6: y = V(x^{j+1}) inside the action, y = r + gamma * (1 - done) * V(x_{t+1}^0) on its last token
-        y = etpo.token_targets(values, lengths, rewards_t, next_values, dones_t, args.gamma, lam=args.lam,
+        y = etpo.token_targets(values, lengths, rewards, next_values, dones, args.gamma, lam=args.lam,
                                q_target_taken=q_tgt_taken)  # (B, T)
 
     # 4. Q update on the q adapter: regress Q(x^{j-1}, w^j) = l_Q[w] - l_bar[w] on the sampled tokens to y
-    losses_q = []
+    losses_q, finite = [], True
     for _ in range(args.q_steps):
         with lm.adapter("q"):
             q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken  # (B, T)
             loss_q = etpo.q_loss(q_taken, y, mask, args.huber_delta)
-            opt_q.zero_grad(set_to_none=True)
+            optimizers["q"].zero_grad(set_to_none=True)
             loss_q.backward()
-        if torch.isfinite(loss_q):
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), args.grad_clip)
-            opt_q.step()
+        finite &= optimizer_step("q", loss_q)
         losses_q.append(loss_q.item())
 
     # 5. policy update on the policy adapter: KL(pi_theta || pi*) with pi* ~ pi_bar * exp(Q / beta), Q held fixed
@@ -245,30 +260,108 @@ for it in range(start_it, iterations):
             ref_logits = lm.action_logits(*action)  # (B, T, V) recomputed rather than stored since step 3
         with lm.adapter("q"):
             q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
-    before = [p.detach().clone() for p in lm.adapter_params("policy")]
     with lm.adapter("policy"):
         loss_pi = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, args.beta, mask)
-        opt_pi.zero_grad(set_to_none=True)
+        optimizers["policy"].zero_grad(set_to_none=True)
         loss_pi.backward()
-    finite = torch.isfinite(loss_pi) and all(math.isfinite(x) for x in losses_q)
-    if torch.isfinite(loss_pi):
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), args.grad_clip)
-        opt_pi.step()
-    changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before)) / sum(
-        b.numel() for b in before)
-    q_first = float(q_taken[:, 0].detach().mean())  # how far back credit has travelled: Q of the first and last tokens
-    q_last = float(q_taken.detach().gather(1, (lengths - 1)[:, None]).mean())
-    del q, ref_logits, before
+    finite &= optimizer_step("policy", loss_pi)
 
     # 6. Polyak: phi_bar <- (1 - tau) * phi_bar + tau * phi
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), args.tau)
+    q_taken = q_taken.detach()  # how far back credit has travelled: Q of the first and of the last tokens
+    return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(), "policy/kl_ref": kl_ref.item(),
+                    "policy/entropy": entropy.item(), "q/first_token": float(q_taken[:, 0].mean()),
+                    "q/last_token": float(q_taken.gather(1, (lengths - 1)[:, None]).mean())}
+
+
+def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
+    prompt_ids, prompt_mask, tokens, mask = action
+    K, N = args.rollout_steps, args.n_envs
+    # 3. no gradient: log-probabilities of the sampled tokens, the KL inside the reward, V(s_t), GAE
+    with torch.no_grad():
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V)
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)
+        kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
+        old_logp, ref_logp = taken_logp(pi_logits, tokens), taken_logp(ref_logits, tokens)  # (B, T)
+        del pi_logits, ref_logits
+        kl = ppo_kl.action_kl(old_logp, ref_logp, mask)  # (B,) KL_t of each action
+        shaped = (rewards - args.beta * kl).view(K, N)  # ETPO.md sec. 7: the action's reward is r_t - beta * KL_t
+        with lm.adapter("value"):
+            values = lm.state_value(prompt_ids, prompt_mask).view(K, N)  # (K, N) V(s_t)
+            last_ids, last_mask = lm.encode_prompts(next_prompts[-N:])
+            last_values = lm.state_value(last_ids, last_mask)  # (N,) V(s_K), bootstraps unfinished episodes
+        advantages, returns = ppo_kl.gae(shaped, values, dones.view(K, N), last_values, args.gamma, args.gae_lambda)
+        advantages, returns = advantages.flatten(), returns.flatten()  # (B,) one per action
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # per-batch, as cleanrl ppo.py
+
+    # 4-5. epochs of minibatches: the clipped surrogate on the policy adapter, the value loss on the value adapter
+    losses_pi, losses_v, finite = [], [], True
+    for _ in range(args.ppo_epochs):
+        for mb in torch.randperm(K * N).chunk(args.minibatches):
+            mb_action = tuple(t[mb] for t in action)
+            with lm.adapter("policy"):
+                logp = taken_logp(lm.action_logits(*mb_action), tokens[mb])  # (mb, T)
+                loss_pi = ppo_kl.clipped_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], args.clip)
+                optimizers["policy"].zero_grad(set_to_none=True)
+                loss_pi.backward()
+            finite &= optimizer_step("policy", loss_pi)
+            with lm.adapter("value"):
+                loss_v = ppo_kl.value_loss(lm.state_value(*mb_action[:2]), returns[mb])
+                optimizers["value"].zero_grad(set_to_none=True)
+                loss_v.backward()
+            finite &= optimizer_step("value", loss_v)
+            losses_pi.append(loss_pi.item())
+            losses_v.append(loss_v.item())
+    return finite, {"loss/v": float(np.mean(losses_v)), "loss/pi": float(np.mean(losses_pi)),
+                    "policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "ppo/action_kl": kl.mean().item()}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the loop
+update = etpo_update if args.algo == "etpo" else ppo_kl_update
+loss_key = "loss/q" if args.algo == "etpo" else "loss/v"
+for it in range(start_it, iterations):
+    t0 = time.time()
+    # 1-2. roll out pi_theta (the policy adapter) in N parallel episodes for K environment steps; execute the code:
+    # reward r_t (ROC AUC or -1), done_t and the next state s_{t+1} (K = 1 for ETPO)
+    steps, t_rollout = [], 0.0
+    for _ in range(args.rollout_steps):
+        prompts = list(coding_env.prompts)
+        t1 = time.time()
+        with tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty) as bar:
+            tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
+                                                 temperature=args.temperature, top_k=args.top_k,
+                                                 stop_strings=env.STOP_STRINGS, generator=generator, progress=bar)
+        t_rollout += time.time() - t1
+        with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
+            rewards, dones, next_prompts, infos = coding_env.step(texts)
+        steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
+    # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k
+    T = max(s[1].shape[1] for s in steps)
+    tokens = torch.cat([F.pad(s[1], (0, T - s[1].shape[1]), value=lm.tokenizer.pad_token_id) for s in steps])  # (B, T)
+    lengths = torch.cat([s[2] for s in steps])  # (B,)
+    rewards = np.concatenate([s[3] for s in steps])  # (B,)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
+    dones_t = torch.tensor(np.concatenate([s[4] for s in steps]), dtype=torch.float32, device=device)  # (B,)
+    infos = [info for s in steps for info in s[6]]
+    prompt_ids, prompt_mask = lm.encode_prompts([p for s in steps for p in s[0]])  # (B, P)
+    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()  # (B, T) real tokens
+    before = [p.detach().clone() for p in lm.adapter_params("policy")]
+
+    # 3-6. the algorithm's update
+    finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
+                           [p for s in steps for p in s[5]])
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before))
+    changed /= sum(b.numel() for b in before)  # fp32 adapters: even lr 1e-6 updates show up here
+    del before
 
     # -------------------------------------------------------------------------------------------------------------
     # logging, best program, checkpoint, NaN guard
     if not finite:
         bad_updates += 1
-        print(f"warning: iteration {it}: non-finite loss (Q {losses_q}, pi {loss_pi.item()}); that update was skipped")
+        print(f"warning: iteration {it}: a non-finite loss ({stats}); that update was skipped")
         if bad_updates >= 3:
             save_checkpoint(it + 1)
             fail(f"{bad_updates} non-finite losses in a row; the last good state is in {ckpt_path}: lower --lr "
@@ -282,17 +375,16 @@ for it in range(start_it, iterations):
     metrics = {"it": it, "env_steps": coding_env.env_steps, "env/reward_mean": float(rewards.mean()),
                "env/success_rate": float(success.mean()), "env/auc_best": coding_env.best_reward,
                "env/first_try_reward": float(rewards[first].mean()) if first.any() else None,
-               "env/episodes": coding_env.episodes, "loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(),
-               "policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "policy/changed_frac": changed,
-               "q/first_token": q_first, "q/last_token": q_last, "perf/tokens_per_s": float(lengths.sum()) / t_rollout,
-               "perf/iter_s": time.time() - t0, "time_s": elapsed}
+               "env/episodes": coding_env.episodes, **stats, "policy/changed_frac": changed,
+               "perf/tokens_per_s": float(lengths.sum()) / t_rollout, "perf/iter_s": time.time() - t0,
+               "time_s": elapsed}
     log.write(json.dumps(metrics) + "\n")
     log.flush()
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
-          f"Q {metrics['loss/q']:.4f} | "
-          f"pi {metrics['loss/pi']:+.3f} | kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
+          f"{loss_key[5:].upper()} {metrics[loss_key]:.4f} | pi {metrics['loss/pi']:+.3f} | "
+          f"kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
           f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
     if coding_env.best_reward > best_seen:
         best_seen = coding_env.best_reward

@@ -49,6 +49,22 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
         assert open(os.path.join(out, "best_code.py")).read().startswith("# ROC AUC")
 
 
+def test_ppo_kl_runs_through_the_same_loop(tmp_path):
+    out = str(tmp_path / "ppo")
+    r = train(*TINY, "--algo", "ppo_kl", "--n-envs", "4", "--rollout-steps", "2", "--steps", "16", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(out)
+    assert [m["env_steps"] for m in rows] == [8, 16]  # 2 iterations of 2 environment steps x 4 episodes
+    assert all(m["loss/v"] is not None and m["loss/pi"] is not None for m in rows) and "V " in r.stdout
+    weights = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["adapters"]["weights"]
+    assert set(weights) == {"policy", "value"}
+    assert any(float(B.abs().sum()) > 0 for B in weights["policy"][1::2])
+    assert float(weights["value"][-1].abs().sum()) > 0  # the value head's bias moved
+    r = train(*TINY, "--algo", "ppo_kl", "--n-envs", "4", "--rollout-steps", "2", "--steps", "32", "--out", out,
+              "--resume")
+    assert r.returncode == 0 and len(metrics(out)) == 4, r.stderr[-2000:]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     whole, half = str(tmp_path / "whole"), str(tmp_path / "half")
     common = [*TINY, "--n-envs", "8", "--seed", "3"]

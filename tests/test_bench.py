@@ -1,0 +1,34 @@
+"""
+bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table and the
+reference-policy sampling table come out with numbers. Figures themselves are measured, never asserted.
+
+Run: python -m pytest tests/test_bench.py -q
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(*args):
+    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_model_benchmark_on_cpu():
+    out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1")
+    assert re.search(r"\| rollout B=2 \| [\d,]+ tok/s", out)
+    assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
+    # per transition: prompt ids and mask (2 x 32 x 8 bytes), tokens (16 x 8), mask, y, ref logit (3 x 16 x 4)
+    assert "| stored per transition | 0.8 KiB |" in out
+
+
+def test_environment_and_sampling_benchmarks():
+    out = bench("--env", "iris")
+    assert re.search(r"\| iris \| 16 \| \d+ \| 2 \| [\d.]+ \| [\d.]+ \|", out)
+    out = bench("--sample", "iris", "--model", "tiny", "--action-len", "96")
+    assert re.search(r"\| tiny \| iris \| 1.0 \| \d+ \| \d+ \| [+-][\d.]+ \|", out)
