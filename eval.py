@@ -1,0 +1,259 @@
+"""
+Evaluate a trained policy the way the paper does, and a few ways it does not.
+
+Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
+arXiv 2402.06700, section 5 and table 2; ../shared/ETPO.md sections 1 and 8. The paper's metric is the highest
+reward (ROC AUC) found within N environment steps, mean over 5 seeds, per dataset. For the program that reached
+it, this file also reports the ROC AUC on the held-out rows that the reward never sees (env.py), the success rate
+and the error rate at each step of an episode, next to the untrained model with the same reflection loop (the
+paper's "Reflection" column) and plain scikit-learn classifiers. Extras: the perplexity of the reference and of
+the trained policy on a text file (the paper's table 3 check), learning curves from metrics.jsonl, and a
+per-token credit view of one program (Q, V, Q - V and the KL to the reference at every token).
+
+    python eval.py --ckpt runs/cmc-CodeLlama-7b-hf-etpo/ckpt.pt --datasets cmc,credit_g --seeds 5 --steps 40
+    python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
+    python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
+"""
+
+import argparse
+import csv
+import html
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import env
+import etpo
+import model
+
+parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets and seeds, and more.")
+parser.add_argument("--ckpt", default=None, help="a checkpoint written by train.py")
+parser.add_argument("--model", default=None, help="the base model without --ckpt (e.g. tiny)")
+parser.add_argument("--policies", default=None, help="trained,reference (default: both with --ckpt)")
+parser.add_argument("--datasets", default="cmc", help="comma-separated dataset names")
+parser.add_argument("--seeds", type=int, default=5, help="repetitions per dataset (paper 5)")
+parser.add_argument("--steps", type=int, default=40, help="environment steps N per repetition")
+parser.add_argument("--n-envs", type=int, default=8, help="parallel episodes")
+parser.add_argument("--temperature", type=float, default=None, help="default: the run's (tiny 1.0, else 0.5)")
+parser.add_argument("--top-k", type=int, default=None, help="default: the run's (tiny 0, else 50)")
+parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's (tiny 128, else 256)")
+parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
+parser.add_argument("--openml-cache", default=None, help="openml cache folder")
+parser.add_argument("--device", default=None, help="cuda or cpu")
+parser.add_argument("--out", default="eval", help="folder for table.md, results.csv and the other outputs")
+parser.add_argument("--perplexity", default=None, help="a text file: perplexity of the reference and the policy")
+parser.add_argument("--credit", action="store_true", help="per-token Q, V, Q - V and KL of one program (ETPO)")
+parser.add_argument("--curves", default=None, help="comma-separated run folders to plot (needs matplotlib)")
+parser.add_argument("--plot", default=None, help="PNG path for --curves (default OUT/curves.png)")
+BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM reference
+    "logistic_regression": "from sklearn.linear_model import LogisticRegression\n    model = LogisticRegression()",
+    "random_forest": "from sklearn.ensemble import RandomForestClassifier\n    model = RandomForestClassifier()",
+    "hist_gradient_boosting": "from sklearn.ensemble import HistGradientBoostingClassifier\n"
+                              "    model = HistGradientBoostingClassifier()",
+}
+
+
+def load_policy(args):
+    """The model and its adapters from a checkpoint, or the bare model; and the run's configuration."""
+    config = {}
+    if args.ckpt:
+        try:
+            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+            config = ckpt["config"]
+        except Exception as e:  # any unreadable file gets the same answer
+            sys.exit(f"error: could not read the checkpoint {args.ckpt} ({type(e).__name__}); pass a ckpt.pt "
+                     "that train.py wrote")
+    name = config.get("model") or args.model
+    if name is None:
+        sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
+    adapters = ("policy", "q", "q_target") if config.get("algo", "etpo") == "etpo" else ("policy", "value")
+    rank = config.get("lora_rank", 16)
+    try:
+        lm = model.load(name, device=args.device, r=rank, alpha=2 * rank, adapters=adapters)
+        if args.ckpt:
+            lm.load_adapter_state(ckpt["adapters"])
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    tiny = name == "tiny"
+    for key, tiny_value, paper_value in (("temperature", 1.0, 0.5), ("top_k", 0, 50), ("max_new_tokens", 128, 256)):
+        if getattr(args, key) is None:
+            setattr(args, key, config.get(key, tiny_value if tiny else paper_value))
+    return lm, config
+
+
+def run_policy(lm, adapter, dataset, sandbox, seed, args):
+    """N environment steps of one policy, no training: best reward, its program, success and errors by step."""
+    coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, sandbox=sandbox, infill=lm.supports_infill)
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    failures, attempts = np.zeros(coding_env.max_steps), np.zeros(coding_env.max_steps)
+    successes = 0
+    while coding_env.env_steps < args.steps:
+        _, _, texts = lm.generate(coding_env.prompts, adapter=adapter, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
+                                  generator=generator)
+        _, _, _, infos = coding_env.step(texts)
+        for info in infos:
+            attempts[info["step"] - 1] += 1
+            failures[info["step"] - 1] += info["error"] is not None
+            successes += info["error"] is None
+    heldout = float("nan")
+    if coding_env.best_code is not None:
+        heldout, _ = sandbox.run([coding_env.best_code], dataset, heldout=True)[0]
+    errors = [f / a if a else float("nan") for f, a in zip(failures, attempts)]
+    return {"best": coding_env.best_reward, "heldout": heldout, "success": successes / coding_env.env_steps,
+            "errors_by_step": errors, "code": coding_env.best_code}
+
+
+def perplexity(lm, adapter, text, window=512):
+    """exp(mean negative log-likelihood) of the text's tokens, in non-overlapping windows of `window` tokens."""
+    ids = lm.tokenizer(text).input_ids
+    nll, count = 0.0, 0
+    with torch.no_grad(), lm.adapter(adapter):
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window + 1]], device=lm.device)  # (1, <= window + 1)
+            logits = lm.hf(input_ids=chunk[:, :-1]).logits.float()  # (1, n, V)
+            nll += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return math.exp(nll / max(count, 1))
+
+
+def credit_view(lm, dataset, beta, args):
+    """One program from the policy with, at every token, Q(x^{j-1}, w^j), V(x^{j-1}), Q - V and KL(pi || pi_bar)."""
+    prompt = env.task_prompt(dataset, lm.supports_infill)
+    tokens, lengths, _ = lm.generate([prompt], adapter="policy", max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
+                                     generator=torch.Generator(device=lm.device).manual_seed(0))
+    prompt_ids, prompt_mask = lm.encode_prompts([prompt])
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    action = (prompt_ids, prompt_mask, tokens, mask)
+    with torch.no_grad():
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (1, T, V)
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)
+        with lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+        v = etpo.soft_value(pi_logits, q, ref_logits, beta)[0]  # (T,) V(x^{j-1})
+        q_taken = q.gather(-1, tokens[..., None])[0, :, 0]  # (T,) Q(x^{j-1}, w^j)
+        logp, ref_logp = torch.log_softmax(pi_logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1)[0]  # (T,)
+    rows = [(lm.tokenizer.decode(tokens[0, j : j + 1]), float(q_taken[j]), float(v[j]), float(kl[j]))
+            for j in range(int(lengths[0]))]
+    return rows
+
+
+def render_credit(rows, path):
+    """The credit view as a table on the terminal and as an HTML file (green: Q > V, red: Q < V)."""
+    lines = [f"{'token':>16} {'Q':>8} {'V':>8} {'Q - V':>8} {'KL':>8}"]
+    lines += [f"{tok!r:>16} {q:8.4f} {v:8.4f} {q - v:+8.4f} {kl:8.4f}" for tok, q, v, kl in rows]
+    scale = max([abs(q - v) for _, q, v, _ in rows] + [1e-6])
+    spans = []
+    for tok, q, v, kl in rows:
+        a = min(1.0, abs(q - v) / scale)
+        color = f"rgba(0,160,0,{a:.2f})" if q >= v else f"rgba(200,0,0,{a:.2f})"
+        title = f"Q={q:.4f} V={v:.4f} Q-V={q - v:+.4f} KL={kl:.4f}"
+        spans.append(f'<span style="background:{color}" title="{title}">{html.escape(tok)}</span>')
+    with open(path, "w") as f:
+        f.write("<html><body><p>Per-token credit: green where Q &gt; V, red where Q &lt; V (hover for values)."
+                f"</p><pre>{''.join(spans)}</pre></body></html>\n")
+    return "\n".join(lines)
+
+
+def plot_curves(run_dirs, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "learning curves need matplotlib (pip install matplotlib); skipped"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in run_dirs:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        ax.plot([r["env_steps"] for r in rows], [r["env/reward_mean"] for r in rows], label=os.path.basename(run))
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return f"wrote {path}"
+
+
+def markdown_table(results, names, methods, key):
+    """Datasets x methods, mean ± std of results[key] over seeds, and an average row."""
+    cell = {}
+    for d in names:
+        for m in methods:
+            values = [r[key] for r in results if r["dataset"] == d and r["method"] == m]
+            cell[d, m] = (float(np.mean(values)), float(np.std(values)))
+    lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines += [f"| {d} | " + " | ".join(f"{cell[d, m][0]:.4f} ± {cell[d, m][1]:.4f}" for m in methods) + " |"
+              for d in names]
+    return "\n".join(lines + ["| average | " + " | ".join(f"{np.mean([cell[d, m][0] for d in names]):.4f}"
+                                                         for m in methods) + " |"])
+
+
+def main():
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    lm, config = load_policy(args)
+    policies = (args.policies or ("trained,reference" if args.ckpt else "reference")).split(",")
+    adapter_of = {"trained": "policy", "reference": None}
+    if "trained" in policies and not args.ckpt:
+        sys.exit("error: --policies trained needs --ckpt")
+    sandbox = env.Sandbox()
+    methods = policies + list(BASELINES)
+    results = []  # one row per dataset, method and seed
+    for name in args.datasets.split(","):
+        try:
+            dataset = env.load_dataset(name, args.data_dir, args.openml_cache)
+        except (ValueError, OSError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        for policy in policies:
+            for seed in range(args.seeds):
+                r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
+                results.append({"dataset": dataset.name, "method": policy, "seed": seed, **r})
+                print(f"{dataset.name} {policy} seed {seed}: best {r['best']:.4f} held-out {r['heldout']:.4f} "
+                      f"success {r['success']:.2f}", flush=True)
+        for method, body in BASELINES.items():  # deterministic: one run stands for every seed
+            source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
+            (reward, _), (heldout, _) = sandbox.run([source], dataset)[0], sandbox.run([source], dataset, True)[0]
+            results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward, "heldout": heldout,
+                            "success": 1.0, "errors_by_step": [], "code": source})
+    sandbox.close()
+
+    # the tables, shaped like the paper's table 2: datasets x methods, mean +- std over seeds
+    names = list(dict.fromkeys(r["dataset"] for r in results))
+    tables = []
+    for key, title in (("best", f"best ROC AUC within {args.steps} environment steps (the paper's metric)"),
+                       ("heldout", "held-out ROC AUC of that best program (rows the reward never saw)"),
+                       ("success", "share of actions that ran")):
+        tables.append(f"{title}, mean ± std over {args.seeds} seeds:\n" + markdown_table(results, names, methods, key))
+    print("\n\n" + "\n\n".join(tables))
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "error_rate_by_step"])
+        for r in results:
+            errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
+            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"], errors])
+    if args.perplexity:
+        text = open(args.perplexity).read()
+        for policy in policies:
+            print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
+    if args.credit:
+        if "q" not in lm.names or not args.ckpt:
+            sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
+        rows = credit_view(lm, env.load_dataset(names[0], args.data_dir, args.openml_cache), config["beta"], args)
+        print(render_credit(rows, os.path.join(args.out, "credit.html")))
+    if args.curves:
+        print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""
+eval.py on the tiny model: the table has a row per dataset plus the average and a column per method, with
+numbers in range; the CSV holds every seed; the perplexity of the reference on its own samples is finite,
+reproducible and lower than on the same words shuffled; the per-token credit view renders. (That the held-out
+AUC uses rows the reward never sees is tested in tests/test_env.py.)
+
+Run: python -m pytest tests/test_eval.py -q
+"""
+
+import csv
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "etpo"
+    r = run("train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps", "16", "--max-new-tokens",
+            "64", "--sample-every", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(out / "ckpt.pt")
+
+
+def test_table_csv_and_credit_view(ckpt, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("def build_model(x_train, y_train):\n    return None\n" * 5)
+    out = tmp_path / "eval"
+    r = run("eval.py", "--ckpt", ckpt, "--datasets", "iris,wine", "--seeds", "2", "--steps", "8", "--n-envs", "4",
+            "--max-new-tokens", "64", "--out", str(out), "--perplexity", str(text), "--credit")
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "table.md").read_text().split("\n\n")[0].splitlines()
+    methods = ["trained", "reference", "logistic_regression", "random_forest", "hist_gradient_boosting"]
+    assert table[1] == "| dataset | " + " | ".join(methods) + " |"
+    assert [line.split(" | ")[0] for line in table[3:]] == ["| iris", "| wine", "| average"]
+    for line in table[3:5]:
+        means = [float(m) for m in re.findall(r"(-?[\d.]+) ±", line)]
+        assert len(means) == 5 and all(-1.0 <= m <= 1.0 for m in means)
+        assert all(0.5 < m <= 1.0 for m in means[2:])  # the scikit-learn baselines always run
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 + 2 * 3  # datasets x (policies x seeds + baselines)
+    assert all(-1.0 <= float(row["best_auc"]) <= 1.0 for row in rows)
+    perplexities = re.findall(r"perplexity of (\w+) on .*: ([\d.]+)", r.stdout)
+    assert [p[0] for p in perplexities] == ["trained", "reference"] and all(float(p[1]) > 1 for p in perplexities)
+    html = (out / "credit.html").read_text()
+    assert html.count("<span") >= 1 and "Q=" in html and "KL=" in html
+    assert re.search(r"token\s+Q\s+V\s+Q - V\s+KL", r.stdout)
+
+
+def test_perplexity_of_the_reference_on_its_own_samples():
+    import eval as evaluation
+    import model
+
+    lm = model.load("tiny", device="cpu")
+    prompts = ["# Dataset: x\n\ndef build_model(x_train, y_train):\n"] * 8
+    _, _, texts = lm.generate(prompts, adapter=None, max_new_tokens=64, generator=torch.Generator().manual_seed(0))
+    own = "\n".join(texts)
+    first, second = evaluation.perplexity(lm, None, own), evaluation.perplexity(lm, None, own)
+    assert first == second and 1.0 < first < 100.0
+    words = own.split(" ")
+    random.Random(0).shuffle(words)
+    assert evaluation.perplexity(lm, None, " ".join(words)) > first
+
+
+def test_untrained_model_without_checkpoint_and_bad_checkpoint(tmp_path):
+    r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", "--n-envs", "4",
+            "--max-new-tokens", "48", "--out", str(tmp_path / "e"))
+    assert r.returncode == 0 and "| iris | " in r.stdout, r.stderr[-2000:]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    r = run("eval.py", "--ckpt", str(bad), "--datasets", "iris")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: could not read the checkpoint")
