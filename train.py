@@ -11,8 +11,9 @@ Departures from the paper (each is a flag; README "Departures from the paper"):
    with Lion at lr 1e-6.
 2. Q is the residual of the Q adapter's logits over the reference logits (ETPO.md section 5).
 3. `--model tiny` uses its own defaults (PRESETS below), so a 2-core CPU learns something in minutes.
-4. Optional lambda-return targets inside an action (--lam, default 0 = the paper's one-step target) and several Q
-   steps per batch (--q-steps, default 1).
+4. Optional lambda-return targets inside an action (--lam; 0 = the paper's one-step target, the default for real
+   LLMs; the tiny preset uses 1, which measured far better, see the README) and several Q steps per batch.
+5. Each adapter's gradient norm is clipped (--grad-clip 1.0).
 
 Both algorithms share everything but the update (etpo_update / ppo_kl_update below): the rollout, the environment,
 logging, checkpoints and resume. PPO-KL rolls out --rollout-steps environment steps per iteration (default: the
