@@ -199,8 +199,8 @@ def markdown_table(results, names, methods, key):
 
 def main():
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     lm, config = load_policy(args)
+    os.makedirs(args.out, exist_ok=True)
     policies = (args.policies or ("trained,reference" if args.ckpt else "reference")).split(",")
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
