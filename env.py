@@ -26,6 +26,7 @@ imputed before the model sees the data (numeric: median, categorical: an extra c
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -73,8 +74,9 @@ class Dataset:
     y_test: np.ndarray
     description: str
 
-    @property
+    @functools.cached_property
     def key(self):
+        """A hash of the prepared arrays: the reward cache and the sandbox server know a dataset by it."""
         h = hashlib.sha256()
         for a in (self.X, self.y, self.X_test, self.y_test):
             h.update(np.ascontiguousarray(a).tobytes())
@@ -91,8 +93,7 @@ def load_dataset(name, data_dir=None, openml_cache=None):
 
     data_dir = data_dir or "data"
     if name in OPENML_IDS:
-        df, target, source = _openml_frame(name, openml_cache), None, f"OpenML dataset {OPENML_IDS[name]}"
-        target = df.columns[-1]
+        (df, target), source = _openml_frame(name, openml_cache), f"OpenML dataset {OPENML_IDS[name]}"
     elif name in KAGGLE:
         file, target, drop = KAGGLE[name]
         path = os.path.join(data_dir, name, file)
@@ -137,7 +138,7 @@ def _openml_frame(name, openml_cache):
     except Exception as e:  # the client raises many types for "offline" (requests, OpenML server, file errors)
         raise RuntimeError(f"could not get OpenML dataset {did} ({name}): {type(e).__name__}; check the internet "
                            f"connection, or pass --openml-cache with a folder that holds it") from None
-    return X.assign(**{ds.default_target_attribute: y})
+    return X.assign(**{ds.default_target_attribute: y}), ds.default_target_attribute
 
 
 def prepare(name, df, target, source):
@@ -336,9 +337,8 @@ def _finish(status, timed_out, raw, scratch, job):
             error = f"TimeoutError: the code ran longer than {job['timeout']} seconds"
         elif os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status))
-            error = f"the process was killed by {sig.name}" + (
-                " (CPU time limit)" if sig == signal.SIGXCPU else " (a crash in native code)" if sig == signal.SIGSEGV
-                else "")
+            why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGSEGV: " (a crash in native code)"}.get(sig, "")
+            error = f"the process was killed by {sig.name}{why}"
         else:
             error = f"the process exited with code {os.WEXITSTATUS(status)} before build_model returned"
     if error is None and not (reward == reward and abs(reward) != float("inf")):

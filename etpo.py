@@ -121,13 +121,18 @@ def polyak_update(target_params, online_params, tau: float) -> None:
         target.lerp_(online.to(target.dtype), tau)  # target + tau * (online - target)
 
 
+def kl_and_entropy(pi_logits: torch.Tensor, ref_logits: torch.Tensor):
+    """Per prefix, shape pi_logits.shape[:-1]: KL(pi(.|x) || pi_bar(.|x)) and the entropy H(pi(.|x))."""
+    logp = F.log_softmax(_at_least_float32(pi_logits), dim=-1)  # (..., V)
+    ref_logp = F.log_softmax(_at_least_float32(ref_logits), dim=-1)  # (..., V)
+    pi = logp.exp()
+    # KL(pi || pi_bar) = sum_w pi(w|x) * (log pi(w|x) - log pi_bar(w|x));  H(pi) = - sum_w pi(w|x) * log pi(w|x)
+    return (pi * (logp - ref_logp)).sum(-1), -(pi * logp).sum(-1)
+
+
 def token_stats(pi_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor):
     """Mean over real tokens of KL(pi || pi_bar) and of the entropy of pi, for logging."""
-    logp = F.log_softmax(_at_least_float32(pi_logits), dim=-1)  # (B, T, V)
-    ref_logp = F.log_softmax(_at_least_float32(ref_logits), dim=-1)  # (B, T, V)
-    pi = logp.exp()
-    kl = (pi * (logp - ref_logp)).sum(-1)  # (B, T) KL(pi(.|x) || pi_bar(.|x))
-    entropy = -(pi * logp).sum(-1)  # (B, T) H(pi(.|x))
+    kl, entropy = kl_and_entropy(pi_logits, ref_logits)  # (B, T) each
     mask = mask.to(kl)
     n = mask.sum().clamp(min=1.0)
     return (kl * mask).sum() / n, (entropy * mask).sum() / n

@@ -59,18 +59,17 @@ BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM
 
 def load_policy(args):
     """The model and its adapters from a checkpoint, or the bare model; and the run's configuration."""
-    config = {}
+    config, adapters = {}, model.ADAPTERS
     if args.ckpt:
         try:
             ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-            config = ckpt["config"]
+            config, adapters = ckpt["config"], tuple(ckpt["adapters"]["weights"])  # the adapters the run trained
         except Exception as e:  # any unreadable file gets the same answer
             sys.exit(f"error: could not read the checkpoint {args.ckpt} ({type(e).__name__}); pass a ckpt.pt "
                      "that train.py wrote")
     name = config.get("model") or args.model
     if name is None:
         sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
-    adapters = ("policy", "q", "q_target") if config.get("algo", "etpo") == "etpo" else ("policy", "value")
     rank = config.get("lora_rank", 16)
     try:
         lm = model.load(name, device=args.device, r=rank, alpha=2 * rank, adapters=adapters)
@@ -139,8 +138,7 @@ def credit_view(lm, dataset, beta, args):
             q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
         v = etpo.soft_value(pi_logits, q, ref_logits, beta)[0]  # (T,) V(x^{j-1})
         q_taken = q.gather(-1, tokens[..., None])[0, :, 0]  # (T,) Q(x^{j-1}, w^j)
-        logp, ref_logp = torch.log_softmax(pi_logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1)[0]  # (T,)
+        kl = etpo.kl_and_entropy(pi_logits, ref_logits)[0][0]  # (T,) KL(pi || pi_bar) at each prefix
     rows = [(lm.tokenizer.decode(tokens[0, j : j + 1]), float(q_taken[j]), float(v[j]), float(kl[j]))
             for j in range(int(lengths[0]))]
     return rows

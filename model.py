@@ -189,6 +189,7 @@ class AdapterLM(nn.Module):
         mask = prompt_mask.clone()  # (B, P + t) grows one column per step
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)  # (B, T)
+        window = max((len(s) for s in stop_strings), default=0) + 2  # tokens that can hold a just-completed stop
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
@@ -203,9 +204,10 @@ class AdapterLM(nn.Module):
                 if progress is not None:
                     progress.update(1)
                 done |= torch.isin(w, stop_ids.to(w.device))
-                if stop_strings:  # decode only the unfinished rows; a stop string ends the action
+                if stop_strings:  # a stop string ends the action; it can only have been completed by the tail
                     for b in torch.nonzero(~done).flatten().tolist():
-                        text = self.tokenizer.decode(tokens[b, : t + 1], skip_special_tokens=True)
+                        tail = tokens[b, max(0, t + 1 - window) : t + 1]
+                        text = self.tokenizer.decode(tail, skip_special_tokens=True)
                         done[b] = any(s in text for s in stop_strings)
                 if bool(done.all()):
                     break
@@ -251,8 +253,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = F.softmax(sorted_logits, -1).cumsum(-1)  # (B, V)
-        drop = cum - F.softmax(sorted_logits, -1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs = F.softmax(sorted_logits, -1)  # (B, V)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = F.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
