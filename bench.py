@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import env
 import etpo
@@ -169,14 +170,12 @@ def update(B):
         ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
         y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
                                torch.zeros(B, device=device), 0.99)
-        del ref_logits, pi_logits, q_tgt
+        del pi_logits, q_tgt
     stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
     with lm.adapter("q"):  # 4. Q update
         q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
         etpo.q_loss(q_taken, y, mask).backward()
-    with torch.no_grad():  # 5. policy update
-        with lm.adapter(None):
-            ref_logits = lm.action_logits(*action)
+    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
         with lm.adapter("q"):
             q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
     with lm.adapter("policy"):
@@ -193,15 +192,45 @@ if cuda:
 bytes_per_transition = []
 seconds = timed(lambda: bytes_per_transition.append(update(B)), args.iters)
 peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-# FLOPs (PaLM appendix B style, arXiv 2204.02311): a forward over S tokens costs 2 * N_linear * S for the
-# projections + 2 * L * S^2 * d for causal attention (QK^T and AV, half the S x S scores) + 2 * d * V per kept
-# logit. The base is frozen, so a backward only computes input gradients: about one more forward.
-S = P + T
-forward = B * (2 * linear_params * S + 2 * L * S * S * d + 2 * d * V * (T + 1))  # one action forward
-prompt_forward = B * (2 * linear_params * P + 2 * L * P * P * d + 2 * d * V)  # one next-state forward
-flops = 7 * forward + 2 * forward + 3 * prompt_forward  # 3 + 1 + 2 + 1 forwards, 2 backwards, 3 next-state forwards
+
+# FLOPs of one update, counted matmul by matmul (2 FLOPs per multiply-add). N = weights of every projection of every
+# block, N_lora = LoRA weights of one adapter (r * (in + out) per projection), N_0 = layer 0's q, k, v projections
+# (their input is the frozen embedding, so no gradient flows into it), S = tokens per row, K = logits kept per row.
+lora_params = sum(layer.A["policy"].numel() + layer.B["policy"].numel() for layer in lm.layers)
+first_qkv = [m for n, m in lm.hf.named_modules() if isinstance(m, model.LoRALinear)
+             and n.startswith("model.layers.0.self_attn.") and n.split(".")[-1] in ("q_proj", "k_proj", "v_proj")]
+first_params = sum(layer.base.weight.numel() for layer in first_qkv)
+first_lora_in = sum(layer.A["policy"].numel() for layer in first_qkv)  # r * in of their LoRA A
+
+
+def forward_flops(S, K, lora):  # forward of B rows: 2 S (N + N_lora if an adapter is on) + 2 K d V (the LM head)
+    return B * (2 * S * (linear_params + lora * lora_params) + 2 * K * d * V)
+
+
+def backward_flops(S, K):  # frozen base: input gradients only, 2 S (N - N_0) + 2 K d V; LoRA: weight gradients
+    return B * (2 * S * (linear_params - first_params) + 2 * K * d * V  # 2 S N_lora and input gradients
+                + 2 * S * (2 * lora_params - first_lora_in))  # 2 S (N_lora - r * in of layer 0's q, k, v)
+
+
+def attention_flops(S):  # causal: QK^T and AV over S^2 / 2 query-key pairs, 2 d FLOPs each, in every layer
+    return B * 2 * L * S * S * d
+
+
+# step 3: ref, policy, q_target forwards over the action (S = P + T, K = T + 1) and over the next prompt (S = P,
+# K = 1); step 4: q forward + backward; step 5: q forward, policy forward + backward. A backward of the attention
+# costs twice its forward (dQ, dK, dV and the scores' gradient).
+matmul_flops = (5 * forward_flops(P + T, T + 1, 1) + forward_flops(P + T, T + 1, 0) + 2 * backward_flops(P + T, T + 1)
+                + 2 * forward_flops(P, 1, 1) + forward_flops(P, 1, 0))
+flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flops(P)
+with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula
+    update(B)
+# On a CPU torch does not count the fused attention kernel, so its count must equal the matmul formula exactly; on
+# a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
+counted = counter.get_total_flops()
 rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
             f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak:.1f} GiB |")
+rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
+            f"| {counted:.4g} counted by torch.utils.flop_counter | |")
 rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
             f"the taken token, prompt ids | |")
 

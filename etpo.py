@@ -97,6 +97,22 @@ def q_loss(q_taken: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, hub
     return (err * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def conservative_penalty(q: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, beta: float,
+                         mask: torch.Tensor):
+    """Mean over real tokens of V*(x) - Q(x, w_taken): a departure that keeps Q from rising on tokens no rollout tried.
+
+    V*(x) = beta * log sum_w pi_bar(w|x) exp(Q(x, w) / beta) is the soft value of pi* under Q, so the gradient with
+    respect to Q(x, .) is pi*(.|x) - onehot(w_taken): Q goes down where pi* puts mass the data did not visit and up
+    on the token that was taken (conservative Q-learning, Kumar et al., arXiv 2006.04779, with pi_bar as the prior).
+    """
+    ref_logp = F.log_softmax(_at_least_float32(ref_logits.detach()), dim=-1)  # (B, T, V)
+    q = _at_least_float32(q)
+    v_star = beta * torch.logsumexp(ref_logp + q / beta, dim=-1)  # (B, T) V*(x) = beta log E_pi_bar[exp(Q / beta)]
+    q_taken = q.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q(x, w_taken)
+    mask = mask.to(v_star)
+    return ((v_star - q_taken) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def policy_loss(pi_logits: torch.Tensor, q: torch.Tensor, ref_logits: torch.Tensor, beta: float, mask: torch.Tensor):
     """Per-token policy loss of ETPO eq. 7, exact over the vocabulary; mean over real tokens."""
     logp = F.log_softmax(_at_least_float32(pi_logits), dim=-1)  # (B, T, V) log pi_theta(w|x)

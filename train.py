@@ -68,6 +68,8 @@ parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps 
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip each adapter's gradient norm, 0 = off")
 parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
+parser.add_argument("--conservative", type=float, default=0.0,
+                    help="weight of a conservative Q penalty (etpo.conservative_penalty); 0 = the paper")
 # PPO-KL only
 parser.add_argument("--rollout-steps", type=int, default=None, help="env steps per iteration (ETPO 1, PPO-KL 5)")
 parser.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda over environment steps")
@@ -228,7 +230,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
         q_tgt_taken = q_tgt.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q_target(x^j, w^{j+1})
         kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
         ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()  # (B, T) l_bar(x^j)[w^{j+1}]
-        del pi_logits, q_tgt, ref_logits  # from here on, per-token scalars (B, T) only
+        del pi_logits, q_tgt  # from here on, per-token scalars (B, T) and the reference logits for step 5
         next_values = torch.zeros_like(rewards)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
         live = torch.nonzero(dones == 0).flatten()
         if len(live):
@@ -248,17 +250,20 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
     losses_q, finite = [], True
     for _ in range(args.q_steps):
         with lm.adapter("q"):
-            q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken  # (B, T)
+            q_logits = lm.action_logits(*action)  # (B, T, V)
+            q_taken = q_logits.gather(-1, tokens[..., None])[..., 0].float() - ref_taken  # (B, T)
             loss_q = etpo.q_loss(q_taken, y, mask, args.huber_delta)
+            if args.conservative:  # optional departure: + alpha * mean( V*(x) - Q(x, w_taken) )
+                q_all = etpo.q_from_logits(q_logits, ref_logits)  # (B, T, V)
+                loss_q = loss_q + args.conservative * etpo.conservative_penalty(q_all, ref_logits, tokens, args.beta,
+                                                                                 mask)
             optimizers["q"].zero_grad(set_to_none=True)
             loss_q.backward()
         finite &= optimizer_step("q", loss_q)
         losses_q.append(loss_q.item())
 
     # 5. policy update on the policy adapter: KL(pi_theta || pi*) with pi* ~ pi_bar * exp(Q / beta), Q held fixed
-    with torch.no_grad():
-        with lm.adapter(None):
-            ref_logits = lm.action_logits(*action)  # (B, T, V) recomputed rather than stored since step 3
+    with torch.no_grad():  # the reference logits are kept from step 3 (B x T x V in the base dtype: 131 MB at B=8)
         with lm.adapter("q"):
             q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
     with lm.adapter("policy"):

@@ -23,6 +23,11 @@ def test_model_benchmark_on_cpu():
     out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1")
     assert re.search(r"\| rollout B=2 \| [\d,]+ tok/s", out)
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
+    # the FLOP formula beside the MFU is exact: torch's own counter agrees to the last printed digit (on a CPU it
+    # leaves out the fused attention kernel, which the formula reports apart)
+    row = re.search(r"\| FLOP per update \| \S+ \(matmuls (\S+), attention \S+\) \| (\S+) counted", out)
+    matmuls, counted = row.groups()
+    assert matmuls == counted
     # per transition: prompt ids and mask (2 x 32 x 8 bytes), tokens (16 x 8), mask, y, ref logit (3 x 16 x 4)
     assert "| stored per transition | 0.8 KiB |" in out
 

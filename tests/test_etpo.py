@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from etpo import policy_loss, polyak_update, q_from_logits, q_loss, soft_value, token_stats, token_targets
+from etpo import conservative_penalty, policy_loss, polyak_update, q_from_logits, q_loss, soft_value, token_stats, token_targets
 
 A, B_, EOS = 0, 1, 2
 VOCAB = 3
@@ -228,6 +228,34 @@ def test_policy_loss_gradient_is_kl_to_optimal_policy_and_minimizer_is_pi_star()
         policy_loss(theta, q, ref_logits, beta, torch.ones(B, T, dtype=torch.float64)).backward()
         opt.step()
     assert torch.allclose(F.softmax(theta.detach(), -1), log_star.exp(), atol=1e-3)
+
+
+def test_conservative_penalty_gradient_is_pi_star_minus_taken_token():
+    g = torch.Generator().manual_seed(1)
+    B, T, V, beta = 2, 3, 4, 0.3
+    ref_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    q = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([[2, 0, 3], [1, 1, 0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    loss = conservative_penalty(q, ref_logits, tokens, beta, mask)
+    loss.backward()
+    # by hand at one prefix: V* = beta * log sum_w pi_bar(w) exp(Q(w) / beta), penalty = V* - Q(taken)
+    pi_bar = F.softmax(ref_logits[0, 1], -1)
+    v_star = beta * math.log(sum(float(pi_bar[w]) * math.exp(float(q[0, 1, w]) / beta) for w in range(V)))
+    # d penalty / d Q(x, .) = (pi*(.|x) - onehot(taken)) / real tokens, zero on padding
+    pi_star = F.softmax(ref_logits + q.detach() / beta, -1)
+    grad = (pi_star - F.one_hot(tokens, V)) * mask[..., None] / mask.sum()
+    assert torch.allclose(q.grad, grad, atol=1e-12)
+    assert q.grad[0, 2].abs().max() == 0.0
+    one_prefix = conservative_penalty(q[:1, 1:2].detach(), ref_logits[:1, 1:2], tokens[:1, 1:2], beta,
+                                      torch.ones(1, 1, dtype=torch.float64))
+    assert one_prefix.item() == pytest.approx(v_star - float(q[0, 1, 0]), abs=1e-12)
+    # Q far above on the taken token alone: pi* is one-hot on it and the penalty is beta * log pi_bar(taken)
+    peaked = torch.zeros(1, 1, V, dtype=torch.float64)
+    peaked[0, 0, 2] = 50.0
+    assert conservative_penalty(peaked, ref_logits[:1, :1], tokens[:1, :1], beta,
+                                torch.ones(1, 1, dtype=torch.float64)).item() == pytest.approx(
+        beta * math.log(float(F.softmax(ref_logits[0, 0], -1)[2])), abs=1e-9)
 
 
 def test_token_targets_edge_cases():
