@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import env
@@ -145,6 +146,25 @@ for B in [int(s) for s in args.rollout_batches.split(",")]:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     rows.append(f"| rollout B={B} | {tokens / seconds:,.0f} tok/s | {tokens / seconds / roofline:.0%} of "
                 f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
+
+
+class Kernels(TorchDispatchMode):
+    """Counts the aten operators that run a kernel (a view only re-describes memory): a decode step whose weights
+    stream in a few milliseconds is bound by these launches when there are thousands of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view)
+        return func(*args, **(kwargs or {}))
+
+
+with Kernels() as kernels:  # one more rollout at the last B: the prefill and one forward per further token
+    steps = int(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0)[1].max())
+rows.append(f"| kernels per decode step | {kernels.count / steps:,.0f} | aten operators, views excluded, "
+            f"sampling included | |")
 
 
 # ----------------------------------------------------------------------------------------------------------------

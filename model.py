@@ -45,7 +45,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, names, r: int, alpha: float):
         super().__init__()
-        self.base, self.scale, self.active = base, alpha / r, None
+        self.base, self.scale, self.active, self.cached = base, alpha / r, None, (None, None, None)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for name in names:
@@ -58,9 +58,21 @@ class LoRALinear(nn.Module):
         y = self.base(x)  # W x, frozen
         if self.active is None:
             return y
-        # fp32 master weights, computed in the base's dtype: the (B, T, in) input is never copied to fp32
-        A, B = self.A[self.active].to(x.dtype), self.B[self.active].to(x.dtype)
-        return y + self.scale * F.linear(F.linear(x, A), B)  # + (alpha / r) * B A x
+        A, B = self.weights(x.dtype)
+        return y + F.linear(F.linear(x, A), B)  # + (alpha / r) * B A x
+
+    def weights(self, dtype):
+        """A and (alpha / r) * B of the active adapter, cast from the fp32 master weights to the base's dtype (the
+        (B, T, in) activations are never copied to fp32). Without autograd, as in every step of a rollout, the cast
+        copies are kept until the weights change (a parameter's _version counts its in-place updates), which saves
+        three small kernels per projection per generated token."""
+        A, B = self.A[self.active], self.B[self.active]
+        if torch.is_grad_enabled():
+            return A.to(dtype), (self.scale * B).to(dtype)
+        key = (self.active, dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        if self.cached[0] != key:
+            self.cached = (key, A.to(dtype), (self.scale * B).to(dtype))
+        return self.cached[1], self.cached[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

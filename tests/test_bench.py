@@ -22,6 +22,7 @@ def bench(*args):
 def test_model_benchmark_on_cpu():
     out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1")
     assert re.search(r"\| rollout B=2 \| [\d,]+ tok/s", out)
+    assert int(re.search(r"\| kernels per decode step \| ([\d,]+) \|", out).group(1).replace(",", "")) > 50
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
     # the FLOP formula beside the MFU is exact: torch's own counter agrees to the last printed digit (on a CPU it
     # leaves out the fused attention kernel, which the formula reports apart)

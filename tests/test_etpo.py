@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from etpo import conservative_penalty, policy_loss, polyak_update, q_from_logits, q_loss, soft_value, token_stats, token_targets
+from etpo import (conservative_penalty, policy_loss, polyak_update, q_from_logits, q_loss, soft_value, token_stats,
+                  token_targets)
 
 A, B_, EOS = 0, 1, 2
 VOCAB = 3

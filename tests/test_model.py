@@ -68,6 +68,26 @@ def test_gradients_reach_only_the_active_adapter(lm):
     assert all(p.dtype == torch.float32 for n in model.ADAPTERS for p in lm.adapter_params(n))
 
 
+def test_lora_weight_cache_without_autograd_follows_every_in_place_update():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16)  # a bf16 base under fp32 adapters, as on a GPU
+    layer = model.LoRALinear(base, ("policy", "q"), r=4, alpha=12)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    opt = torch.optim.SGD([layer.B["policy"]], lr=0.01)
+    for name in ("policy", "q", "policy"):
+        layer.active = name
+        for _ in range(3):
+            layer(x).float().sum().backward()  # the autograd path: cast on every call
+            opt.step()  # in place: the cached copies of the no-autograd path must follow
+            opt.zero_grad()
+            with torch.no_grad():
+                cached = layer(x)
+            expected = base(x) + 3.0 * (x.float() @ layer.A[name].T @ layer.B[name].T).to(torch.bfloat16)
+            assert torch.allclose(cached.float(), expected.float(), rtol=0.02, atol=0.05), (cached, expected)
+            assert torch.equal(cached, layer(x).detach())  # both paths give the same bits
+    assert not torch.equal(layer.B["policy"], torch.zeros_like(layer.B["policy"]))
+
+
 def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
     batch = some_actions(lm)
     with torch.no_grad():
