@@ -32,6 +32,8 @@ Legend (shapes; B = batch of transitions, T = action tokens, padded; V = vocabul
     y           (B, T)     regression targets of the Q-values of the taken tokens
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -152,3 +154,13 @@ def token_stats(pi_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.T
     mask = mask.to(kl)
     n = mask.sum().clamp(min=1.0)
     return (kl * mask).sum() / n, (entropy * mask).sum() / n
+
+
+def rare_token_mass(q: torch.Tensor, ref_logits: torch.Tensor, beta: float, mask: torch.Tensor, rare: float = 1e-3):
+    """Mean over real tokens of the mass that pi* ~ pi_bar * exp(Q / beta) puts on tokens the reference gives less than
+    `rare`, for logging: Q rising on tokens no rollout tried (and 1 / beta amplifying it) shows here first."""
+    ref_logp = F.log_softmax(_at_least_float32(ref_logits), dim=-1)  # (B, T, V)
+    pi_star = F.softmax(ref_logp + _at_least_float32(q) / beta, dim=-1)  # (B, T, V)
+    mass = (pi_star * (ref_logp < math.log(rare))).sum(-1)  # (B, T)
+    mask = mask.to(mass)
+    return (mass * mask).sum() / mask.sum().clamp(min=1.0)

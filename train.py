@@ -14,6 +14,8 @@ Departures from the paper (each is a flag; README "Departures from the paper"):
 4. Optional lambda-return targets inside an action (--lam; 0 = the paper's one-step target, the default for real
    LLMs; the tiny preset uses 1, which measured far better, see the README) and several Q steps per batch.
 5. Each adapter's gradient norm is clipped (--grad-clip 1.0).
+6. Optional conservative Q penalty (--conservative; 0 = the paper, the default for real LLMs; the tiny preset uses
+   0.5, which kept 90-iteration runs from diverging, see the README).
 
 Both algorithms share everything but the update (etpo_update / ppo_kl_update below): the rollout, the environment,
 logging, checkpoints and resume. PPO-KL rolls out --rollout-steps environment steps per iteration (default: the
@@ -68,8 +70,8 @@ parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps 
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip each adapter's gradient norm, 0 = off")
 parser.add_argument("--huber-delta", type=float, default=None, help="Huber loss for Q (official code: 10); default MSE")
-parser.add_argument("--conservative", type=float, default=0.0,
-                    help="weight of a conservative Q penalty (etpo.conservative_penalty); 0 = the paper")
+parser.add_argument("--conservative", type=float, default=None,
+                    help="weight alpha of a conservative Q penalty (etpo.conservative_penalty; paper 0)")
 # PPO-KL only
 parser.add_argument("--rollout-steps", type=int, default=None, help="env steps per iteration (ETPO 1, PPO-KL 5)")
 parser.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda over environment steps")
@@ -87,9 +89,9 @@ args = parser.parse_args()
 
 PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
     "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,
-                  lam=0.0, steps=500),
+                  lam=0.0, conservative=0.0, steps=500),
     "tiny": dict(n_envs=32, max_new_tokens=128, temperature=1.0, top_k=0, beta=0.2, lr=1e-3, tau=0.05, q_steps=2,
-                 lam=1.0, steps=32 * 30),
+                 lam=1.0, conservative=0.5, steps=32 * 30),
 }
 for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
     if getattr(args, key) is None:
@@ -114,6 +116,7 @@ if args.resume:
         fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache"}
+    saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
     for key, value in saved.items():
         if key not in keep:
             setattr(args, key, value)  # the run continues with the configuration it started with
@@ -229,6 +232,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
         values = etpo.soft_value(pi_logits, q_tgt, ref_logits, args.beta)  # (B, T) V(x^j), j = 0..T-1
         q_tgt_taken = q_tgt.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q_target(x^j, w^{j+1})
         kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
+        rare_mass = etpo.rare_token_mass(q_tgt, ref_logits, args.beta, mask)  # the early sign of a diverging run
         ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()  # (B, T) l_bar(x^j)[w^{j+1}]
         del pi_logits, q_tgt  # from here on, per-token scalars (B, T) and the reference logits for step 5
         next_values = torch.zeros_like(rewards)  # (B,) V(x_{t+1}^0); 0 where done (it is multiplied by 1 - done)
@@ -276,7 +280,8 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), args.tau)
     q_taken = q_taken.detach()  # how far back credit has travelled: Q of the first and of the last tokens
     return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(), "policy/kl_ref": kl_ref.item(),
-                    "policy/entropy": entropy.item(), "q/first_token": float(q_taken[:, 0].mean()),
+                    "policy/entropy": entropy.item(), "q/rare_mass": rare_mass.item(),
+                    "q/first_token": float(q_taken[:, 0].mean()),
                     "q/last_token": float(q_taken.gather(1, (lengths - 1)[:, None]).mean())}
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from etpo import (conservative_penalty, policy_loss, polyak_update, q_from_logits, q_loss, soft_value, token_stats,
-                  token_targets)
+from etpo import (conservative_penalty, policy_loss, polyak_update, q_from_logits, q_loss, rare_token_mass, soft_value,
+                  token_stats, token_targets)
 
 A, B_, EOS = 0, 1, 2
 VOCAB = 3
@@ -242,7 +242,8 @@ def test_conservative_penalty_gradient_is_pi_star_minus_taken_token():
     loss.backward()
     # by hand at one prefix: V* = beta * log sum_w pi_bar(w) exp(Q(w) / beta), penalty = V* - Q(taken)
     pi_bar = F.softmax(ref_logits[0, 1], -1)
-    v_star = beta * math.log(sum(float(pi_bar[w]) * math.exp(float(q[0, 1, w]) / beta) for w in range(V)))
+    qd = q.detach()
+    v_star = beta * math.log(sum(float(pi_bar[w]) * math.exp(float(qd[0, 1, w]) / beta) for w in range(V)))
     # d penalty / d Q(x, .) = (pi*(.|x) - onehot(taken)) / real tokens, zero on padding
     pi_star = F.softmax(ref_logits + q.detach() / beta, -1)
     grad = (pi_star - F.one_hot(tokens, V)) * mask[..., None] / mask.sum()
@@ -250,13 +251,24 @@ def test_conservative_penalty_gradient_is_pi_star_minus_taken_token():
     assert q.grad[0, 2].abs().max() == 0.0
     one_prefix = conservative_penalty(q[:1, 1:2].detach(), ref_logits[:1, 1:2], tokens[:1, 1:2], beta,
                                       torch.ones(1, 1, dtype=torch.float64))
-    assert one_prefix.item() == pytest.approx(v_star - float(q[0, 1, 0]), abs=1e-12)
+    assert one_prefix.item() == pytest.approx(v_star - float(qd[0, 1, 0]), abs=1e-12)
     # Q far above on the taken token alone: pi* is one-hot on it and the penalty is beta * log pi_bar(taken)
     peaked = torch.zeros(1, 1, V, dtype=torch.float64)
     peaked[0, 0, 2] = 50.0
     assert conservative_penalty(peaked, ref_logits[:1, :1], tokens[:1, :1], beta,
                                 torch.ones(1, 1, dtype=torch.float64)).item() == pytest.approx(
         beta * math.log(float(F.softmax(ref_logits[0, 0], -1)[2])), abs=1e-9)
+
+
+def test_rare_token_mass_by_hand():
+    # one prefix, pi_bar = (0.9, 0.0995, 0.0005): only token 2 is rare (< 1e-3)
+    ref_logits = torch.log(torch.tensor([[[0.9, 0.0995, 0.0005]]], dtype=torch.float64))
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    assert rare_token_mass(torch.zeros(1, 1, 3, dtype=torch.float64), ref_logits, 0.2, mask).item() == \
+        pytest.approx(0.0005, abs=1e-12)  # Q = 0: pi* = pi_bar
+    q = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64)  # Q = 1 on the rare token, beta 0.2: weight e^5
+    w = 0.0005 * math.exp(5.0)
+    assert rare_token_mass(q, ref_logits, 0.2, mask).item() == pytest.approx(w / (0.9 + 0.0995 + w), abs=1e-12)
 
 
 def test_token_targets_edge_cases():
