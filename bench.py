@@ -227,9 +227,10 @@ def forward_flops(S, K, lora):  # forward of B rows: 2 S (N + N_lora if an adapt
     return B * (2 * S * (linear_params + lora * lora_params) + 2 * K * d * V)
 
 
-def backward_flops(S, K):  # frozen base: input gradients only, 2 S (N - N_0) + 2 K d V; LoRA: weight gradients
-    return B * (2 * S * (linear_params - first_params) + 2 * K * d * V  # 2 S N_lora and input gradients
-                + 2 * S * (2 * lora_params - first_lora_in))  # 2 S (N_lora - r * in of layer 0's q, k, v)
+def backward_flops(S, K):
+    # the frozen base computes input gradients only: 2 S (N - N_0) + 2 K d V; LoRA computes weight gradients,
+    # 2 S N_lora, and input gradients, 2 S (N_lora - r * in of layer 0's q, k, v)
+    return B * (2 * S * (linear_params - first_params) + 2 * K * d * V + 2 * S * (2 * lora_params - first_lora_in))
 
 
 def attention_flops(S):  # causal: QK^T and AV over S^2 / 2 query-key pairs, 2 d FLOPs each, in every layer
