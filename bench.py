@@ -2,10 +2,12 @@
 Measure ETPO's hot loop against the machine's own limits (in the spirit of nanoGPT's bench.py).
 
 On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact shapes, random bf16 weights, no
-download) and reports: rollout tokens/s with the KV cache against the decode roofline (weight bytes per step over
-the HBM bandwidth measured here), the milliseconds and MFU of one full ETPO update against the bf16 matmul rate
-measured here, peak memory of both, the largest batch that fits, and the bytes stored per transition between the
-rollout and the update. On a CPU it runs the `tiny` preset, so CI can smoke-test it.
+download) and reports: rollout tokens/s with the static KV cache that model.py uses and with transformers' dynamic
+one, against the decode roofline (weight bytes per step over the HBM bandwidth measured here); the kernels and the
+bytes moved per decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO
+update against the bf16 matmul rate measured here; peak memory of both, the largest batch that fits, and the
+bytes stored per transition between the rollout and the update. On a CPU it runs the `tiny` preset, so CI can
+smoke-test it.
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
@@ -13,10 +15,12 @@ rollout and the update. On a CPU it runs the `tiny` preset, so CI can smoke-test
 """
 
 import argparse
+import math
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import env
@@ -129,42 +133,69 @@ def random_prompts(B, P):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. rollout: tokens/s with the KV cache, against the decode roofline
-rows = []
-for B in [int(s) for s in args.rollout_batches.split(",")]:
-    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
-    lengths = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    def rollout():
-        lengths.append(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0)[1])
-
-    seconds = timed(rollout, args.iters)
-    tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
-    # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV reads ignored)
-    roofline = B * bandwidth / weight_bytes
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    rows.append(f"| rollout B={B} | {tokens / seconds:,.0f} tok/s | {tokens / seconds / roofline:.0%} of "
-                f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
 
 
-class Kernels(TorchDispatchMode):
-    """Counts the aten operators that run a kernel (a view only re-describes memory): a decode step whose weights
-    stream in a few milliseconds is bound by these launches when there are thousands of them."""
+class Operators(TorchDispatchMode):
+    """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
+    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
+    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.kernels, self.bytes = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not (func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view:
+            return out
+        tensors = lambda tree: {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # noqa: E731
+        inputs, outputs = tensors((args, kwargs)), tensors(out)
+        written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
+        read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
+        self.kernels += 1
+        self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
+        return out
 
 
-with Kernels() as kernels:  # one more rollout at the last B: the prefill and one forward per further token
-    steps = int(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0)[1].max())
-rows.append(f"| kernels per decode step | {kernels.count / steps:,.0f} | aten operators, views excluded, "
-            f"sampling included | |")
+def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
+    return math.prod(n for n, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
+
+
+rows = []
+caches = ("static", "dynamic")  # model.py's default, and transformers' torch.cat cache for comparison
+tok_s = {}
+for B in [int(s) for s in args.rollout_batches.split(",")]:
+    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
+    for cache in caches:
+        lengths = []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def rollout():  # the same seed for both caches, so they sample the same tokens
+            generator = torch.Generator(device).manual_seed(0)
+            lengths.append(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
+                                         generator=generator, cache=cache)[1])
+
+        seconds = timed(rollout, args.iters)
+        tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
+        tok_s[cache] = tokens / seconds
+        # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV ignored)
+        roofline = B * bandwidth / weight_bytes
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        rows.append(f"| rollout B={B}, {cache} cache | {tok_s[cache]:,.0f} tok/s | {tok_s[cache] / roofline:.0%} of "
+                    f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
+
+for cache in caches:  # one more rollout at the last B, counted: the prefill and one forward per further token
+    with Operators() as ops:
+        generator = torch.Generator(device).manual_seed(0)
+        steps = int(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
+                                  generator=generator, cache=cache)[1].max())
+    # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
+    # here, B tokens take (bytes per step) / bandwidth seconds
+    per_step = ops.bytes / steps
+    bound = B * bandwidth / per_step
+    rows.append(f"| decode step B={B}, {cache} cache | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
+                f"moved | {tok_s[cache] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
 
 # ----------------------------------------------------------------------------------------------------------------

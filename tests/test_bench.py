@@ -21,8 +21,14 @@ def bench(*args):
 
 def test_model_benchmark_on_cpu():
     out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1")
-    assert re.search(r"\| rollout B=2 \| [\d,]+ tok/s", out)
-    assert int(re.search(r"\| kernels per decode step \| ([\d,]+) \|", out).group(1).replace(",", "")) > 50
+    assert re.search(r"\| rollout B=2, static cache \| [\d,]+ tok/s", out)
+    assert re.search(r"\| rollout B=2, dynamic cache \| [\d,]+ tok/s", out)
+    moved = {}
+    for cache in ("static", "dynamic"):
+        row = re.search(rf"\| decode step B=2, {cache} cache \| ([\d,]+) kernels, (\S+) GB moved \| \d+% of", out)
+        assert int(row.group(1).replace(",", "")) > 50
+        moved[cache] = float(row.group(2))
+    assert moved["static"] < moved["dynamic"]  # the dynamic cache copies itself at every step
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
     # the FLOP formula beside the MFU is exact: torch's own counter agrees to the last printed digit (on a CPU it
     # leaves out the fused attention kernel, which the formula reports apart)

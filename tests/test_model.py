@@ -121,8 +121,9 @@ def test_action_logits_equal_the_slice_of_full_logits(lm):
     assert torch.allclose(lm.last_logits(prompt_ids, prompt_mask), full[:, P - 1], atol=1e-5)
 
 
-def test_cached_generation_equals_uncached_greedy_decoding_per_prompt(lm):
-    tokens, lengths, texts = lm.generate(PROMPTS, max_new_tokens=20, temperature=0.0)  # batched, left-padded, cached
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_cached_generation_equals_uncached_greedy_decoding_per_prompt(lm, cache):
+    tokens, lengths, texts = lm.generate(PROMPTS, max_new_tokens=20, temperature=0.0, cache=cache)  # left-padded
     for b, prompt in enumerate(PROMPTS):
         ids = lm.tokenizer(prompt, return_tensors="pt").input_ids  # (1, P) alone, no padding
         out = []
@@ -134,6 +135,14 @@ def test_cached_generation_equals_uncached_greedy_decoding_per_prompt(lm):
                 break
         assert tokens[b, : lengths[b]].tolist() == out
         assert texts[b] == lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_static_and_dynamic_caches_sample_the_same_tokens(lm):
+    prompts = PROMPTS[::-1]  # row 0 is left-padded (transformers 4.x guessed its cache slots wrongly)
+    runs = [lm.generate(prompts, max_new_tokens=30, generator=torch.Generator().manual_seed(1), cache=cache)
+            for cache in ("static", "dynamic")]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][1].max() == 30  # the run fills the static cache to its last slot
 
 
 def test_sampling_filters_restrict_the_support():
