@@ -194,8 +194,9 @@ def reflection_prompt(dataset, code, error, infill=False):
 
 
 def _with_signature(head, infill):
-    if infill:  # CodeLlama: <PRE> prefix <SUF> suffix <MID>, split at <FILL_ME> by its tokenizer
-        return head + SIGNATURE + "<FILL_ME>\n    return model\n"
+    if infill:  # CodeLlama: <PRE> prefix <SUF> suffix <MID>, split at <FILL_ME> by its tokenizer, which fails if
+        # the text holds it twice (a failed program or its error can quote it)
+        return head.replace("<FILL_ME>", "<FILL ME>") + SIGNATURE + "<FILL_ME>\n    return model\n"
     return head + SIGNATURE
 
 

@@ -139,7 +139,7 @@ def credit_view(lm, dataset, beta, args):
         v = etpo.soft_value(pi_logits, q, ref_logits, beta)[0]  # (T,) V(x^{j-1})
         q_taken = q.gather(-1, tokens[..., None])[0, :, 0]  # (T,) Q(x^{j-1}, w^j)
         kl = etpo.kl_and_entropy(pi_logits, ref_logits)[0][0]  # (T,) KL(pi || pi_bar) at each prefix
-    rows = [(lm.tokenizer.decode(tokens[0, j : j + 1]), float(q_taken[j]), float(v[j]), float(kl[j]))
+    rows = [(lm.decode(tokens[0, j : j + 1]), float(q_taken[j]), float(v[j]), float(kl[j]))
             for j in range(int(lengths[0]))]
     return rows
 

@@ -187,8 +187,17 @@ class AdapterLM(nn.Module):
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
                                           stop_strings, generator, progress, cache)
-        texts = [self.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(len(prompts))]
+        texts = [self.decode(tokens[b, : lengths[b]]) for b in range(len(prompts))]
         return tokens, lengths, texts
+
+    def decode(self, ids):
+        """The text of some action tokens, every space kept. Llama-family tokenizers (CodeLlama's included) drop
+        one leading space when decoding from a sequence's first token, which would leave the first line of a
+        function body indented by 3 and the program unparsable; decoding after an anchor token and cutting the
+        anchor's text off keeps it."""
+        anchor = self.tokenizer("a", add_special_tokens=False).input_ids
+        text = self.tokenizer.decode(anchor + [int(i) for i in ids], skip_special_tokens=True)
+        return text[len(self.tokenizer.decode(anchor)) :]
 
     @torch.no_grad()
     def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
@@ -240,7 +249,7 @@ class AdapterLM(nn.Module):
                 if stop_strings:  # a stop string ends the action; it can only have been completed by the tail
                     for b in torch.nonzero(~done).flatten().tolist():
                         tail = tokens[b, max(0, t + 1 - window) : t + 1]
-                        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                        text = self.decode(tail)
                         done[b] = any(s in text for s in stop_strings)
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break

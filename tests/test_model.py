@@ -1,7 +1,8 @@
 """
 model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exact no-ops at init and independent
-of each other, gradients reach only the active adapter, adapters round-trip through a file, cached sampling equals
-uncached greedy decoding, and the action-position logits are the same slice of the full logits.
+of each other, gradients reach only the active adapter, adapters round-trip through a file, cached sampling (static
+and dynamic KV cache) equals uncached greedy decoding, the action-position logits are the same slice of the full
+logits, and CodeLlama's infilling format is built, decoded and stopped as the environment needs.
 
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
@@ -160,6 +161,64 @@ def test_stop_strings(lm):
         assert "model =" in text
         shorter = lm.tokenizer.decode(tokens[b, : lengths[b] - 1], skip_special_tokens=True)
         assert "model =" not in shorter  # stopped at the token that completed the stop string
+
+
+def codellama_like():
+    """CodeLlama's tokenizer class (SentencePiece-style BPE with byte fallback, <PRE> <SUF> <MID> <EOT> infilling)
+    on a vocabulary of single characters, built offline, and a one-block Llama of that vocabulary."""
+    import transformers
+    from transformers import CodeLlamaTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x builds CodeLlama's tokenizer from a SentencePiece file only")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})  # byte fallback: any character can be encoded
+    for c in "\u2581" + "".join(chr(i) for i in range(33, 127)) + "\n":
+        vocab.setdefault(c, len(vocab))
+    tok = CodeLlamaTokenizer(vocab=vocab, merges=[])
+    tok.pad_token = tok.unk_token
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return model.AdapterLM(LlamaForCausalLM(config).eval(), tok, r=2, alpha=4, name="codellama-like")
+
+
+def test_codellama_infilling_prompt_decoding_and_stop_token():
+    import env
+
+    lm = codellama_like()
+    tok = lm.tokenizer
+    assert lm.supports_infill and tok.convert_tokens_to_ids(tok.eot_token) in lm.stop_ids().tolist()
+    dataset = env.load_dataset("iris")
+    prompts = [env.task_prompt(dataset, infill=True),
+               env.reflection_prompt(dataset, "    x = '<FILL_ME>'\n", "NameError: <FILL_ME>", infill=True)]
+    ids, mask = lm.encode_prompts(prompts)  # the second quotes <FILL_ME> twice and must still split once
+    for b, prompt in enumerate(prompts):
+        pieces = tok.convert_ids_to_tokens(ids[b][mask[b].bool()].tolist())
+        assert pieces[:2] == ["<s>", "\u2581<PRE>"] and pieces[-1] == "\u2581<MID>" and pieces.count("\u2581<SUF>") == 1
+        suf = pieces.index("\u2581<SUF>")
+        prefix, suffix = prompt.split("<FILL_ME>")  # the environment leaves exactly one in a prompt
+        assert tok.convert_tokens_to_string(pieces[2:suf]) == prefix
+        assert tok.convert_tokens_to_string(pieces[suf + 1 : -1]) == suffix  # "\n    return model\n"
+
+    # the model writes the middle without a word-start space; decoding must keep its first line's 4 spaces
+    body = "    from sklearn.naive_bayes import GaussianNB\n    model = GaussianNB()\n    model.fit(x_train, y_train)"
+    middle = tok.convert_tokens_to_ids(["\u2581" if c == " " else c for c in body])
+    assert tok.decode(middle, skip_special_tokens=True) == body[1:]  # what the tokenizer alone gives
+    assert lm.decode(middle) == body
+    source = env.program(lm.decode(middle), infill=True)
+    compile(source, "program", "exec")
+    assert source == env.SIGNATURE + body + "\n    return model\n"
+
+    # an action ends at <EOT>: a head that always prefers it stops every row after one token, with empty text
+    eot = tok.convert_tokens_to_ids(tok.eot_token)
+    head = torch.nn.Linear(32, len(tok), bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(eot), len(tok)).float())
+    lm.hf.lm_head = head
+    tokens, lengths, texts = lm.generate(prompts, max_new_tokens=8, temperature=0.0)
+    assert lengths.tolist() == [1, 1] and tokens[:, 0].tolist() == [eot, eot] and texts == ["", ""]
 
 
 def seven_b_config(path):
