@@ -163,30 +163,10 @@ def test_stop_strings(lm):
         assert "model =" not in shorter  # stopped at the token that completed the stop string
 
 
-def codellama_like():
-    """CodeLlama's tokenizer class (SentencePiece-style BPE with byte fallback, <PRE> <SUF> <MID> <EOT> infilling)
-    on a vocabulary of single characters, built offline, and a one-block Llama of that vocabulary."""
-    import transformers
-    from transformers import CodeLlamaTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4.x builds CodeLlama's tokenizer from a SentencePiece file only")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})  # byte fallback: any character can be encoded
-    for c in "\u2581" + "".join(chr(i) for i in range(33, 127)) + "\n":
-        vocab.setdefault(c, len(vocab))
-    tok = CodeLlamaTokenizer(vocab=vocab, merges=[])
-    tok.pad_token = tok.unk_token
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
-    torch.manual_seed(0)
-    return model.AdapterLM(LlamaForCausalLM(config).eval(), tok, r=2, alpha=4, name="codellama-like")
-
-
-def test_codellama_infilling_prompt_decoding_and_stop_token():
+def test_codellama_infilling_prompt_decoding_and_stop_token(codellama_like):
     import env
 
-    lm = codellama_like()
+    lm = model.AdapterLM(*codellama_like, r=2, alpha=4, name="codellama-like")
     tok = lm.tokenizer
     assert lm.supports_infill and tok.convert_tokens_to_ids(tok.eot_token) in lm.stop_ids().tolist()
     dataset = env.load_dataset("iris")

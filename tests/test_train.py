@@ -1,13 +1,15 @@
 """
 train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
-a short fixed-seed run raises the reward of first attempts; user errors end with one sentence and a non-zero exit.
+a short fixed-seed run raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
+infilling tokenizer trains through the same loop; user errors end with one sentence and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +104,22 @@ def test_short_run_raises_the_reward_of_first_attempts(tmp_path):
     first = [m["env/first_try_reward"] for m in metrics(out)]
     start, end = sum(first[:3]) / 3, sum(first[-3:]) / 3
     assert end > start + 0.2, (start, end)
+
+
+def test_a_local_model_folder_with_codellamas_infilling_tokenizer(tmp_path, codellama_dir):
+    # the path a GPU user takes (a Hugging Face model and its own tokenizer, not the tiny preset), on the CPU
+    out = str(tmp_path / "run")
+    r = train("--model", codellama_dir, "--dataset", "iris", "--n-envs", "4", "--steps", "8", "--max-new-tokens",
+              "16", "--sample-every", "1", "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["it"] for m in metrics(out)] == [0, 1]
+    # the program around the model's middle: the signature before it, the infilling suffix after it
+    samples = re.findall(r"--- sample \(episode step \d+\):\n(.*?)\n--- ", r.stdout, re.S)
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample.startswith("def build_model(x_train, y_train):\n") and sample.endswith("\n    return model")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["adapters"]["model"] == codellama_dir
 
 
 @pytest.mark.parametrize("args,phrase", [

@@ -1,0 +1,41 @@
+"""
+A stand-in for CodeLlama that needs no download: its tokenizer class (SentencePiece-style BPE with byte fallback,
+<PRE> <SUF> <MID> <EOT> infilling) on a vocabulary of single characters, and a one-block Llama of that vocabulary.
+"""
+
+import pytest
+import torch
+
+
+def build_codellama_like():
+    import transformers
+    from transformers import CodeLlamaTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x builds CodeLlama's tokenizer from a SentencePiece file only")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})  # byte fallback: any character can be encoded
+    for c in "\u2581" + "".join(chr(i) for i in range(33, 127)) + "\n":
+        vocab.setdefault(c, len(vocab))
+    tok = CodeLlamaTokenizer(vocab=vocab, merges=[])
+    tok.pad_token = tok.unk_token
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tok
+
+
+@pytest.fixture
+def codellama_like():
+    """(Hugging Face model, tokenizer), fresh for each test."""
+    return build_codellama_like()
+
+
+@pytest.fixture(scope="session")
+def codellama_dir(tmp_path_factory):
+    """The same saved as a local model folder, as `--model PATH` loads it."""
+    path = str(tmp_path_factory.mktemp("codellama-like"))
+    hf, tok = build_codellama_like()
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
