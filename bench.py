@@ -12,13 +12,16 @@ smoke-test it.
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
     python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
+    python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
 """
 
 import argparse
+import copy
 import math
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,6 +41,7 @@ parser.add_argument("--max-batch", action="store_true", help="also search the la
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
+parser.add_argument("--numerics", default=None, help="a train.py checkpoint: its Q in bf16 against float32")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
@@ -95,6 +99,53 @@ if args.sample:  # -------------------------------------------------------------
     print(f"| model | dataset | temperature | runnable of 64 | distinct programs | mean reward | load (s) |\n"
           f"|---|---|---|---|---|---|---|\n| {lm.name} | {dataset.name} | {args.temperature} | {runnable} "
           f"| {len(set(texts))} | {mean:+.3f} | {load_s:.1f} |")
+    raise SystemExit
+
+if args.numerics:  # ----------------------------------------------------------------------------------------------
+    # the same trained adapters on the base in float32 (the truth) and in bf16 (what a GPU runs), on 16 actions the
+    # policy samples: how far Q = l_Q - l_bar and pi* = softmax(log pi_bar + Q / beta) move, with the float32 LM
+    # head that model.py uses and with logits rounded to bf16 as the model itself would return them
+    ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
+    config = ckpt["config"]
+    lm32 = model.load(config["model"], device=device, r=config["lora_rank"], alpha=2 * config["lora_rank"],
+                      adapters=tuple(ckpt["adapters"]["weights"]))
+    lm32.hf.float()
+    lm32.load_adapter_state(ckpt["adapters"])
+    lm16 = copy.deepcopy(lm32)
+    lm16.hf.to(torch.bfloat16)
+    for layer in lm16.layers:  # the adapters stay float32 masters, as in training
+        layer.A.float()
+        layer.B.float()
+    dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache)
+    prompts = [env.task_prompt(dataset, lm32.supports_infill)] * 16
+    torch.manual_seed(0)
+    tokens, lengths, _ = lm32.generate(prompts, max_new_tokens=64)
+    prompt_ids, prompt_mask = lm32.encode_prompts(prompts)
+    mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).long()
+    action = (prompt_ids, prompt_mask, tokens, mask)
+
+    @torch.no_grad()
+    def q_and_ref(lm, rounded):
+        logits = {}
+        for name in ("q", None):
+            with lm.adapter(name):
+                logits[name] = lm.action_logits(*action)
+                if rounded:
+                    logits[name] = logits[name].bfloat16().float()
+        return etpo.q_from_logits(logits["q"], logits[None]), logits[None]
+
+    truth = q_and_ref(lm32, False)
+    runs = {"float32 model": truth, "bf16, float32 head": q_and_ref(lm16, False), "bf16 logits": q_and_ref(lm16, True)}
+    taken = lambda q: q.gather(-1, tokens[..., None])[..., 0][mask.bool()]  # noqa: E731
+    betas = sorted({0.01, 0.05, config["beta"]})
+    print(f"| {config['model']}, {dataset.name} | " + " | ".join(runs) + " |\n" + "|---" * (len(runs) + 1) + "|")
+    print("| mean abs error of Q at the taken tokens | "
+          + " | ".join(f"{(taken(q) - taken(truth[0])).abs().mean():.4f}" for q, _ in runs.values()) + " |")
+    for beta in betas:
+        star = lambda q, ref: F.log_softmax(F.log_softmax(ref, -1) + q / beta, -1)  # noqa: E731  log pi*
+        p = star(*truth)
+        kl = [(p.exp() * (p - star(q, ref))).sum(-1)[mask.bool()].mean() for q, ref in runs.values()]
+        print(f"| KL(pi*_float32 \\|\\| pi*), beta {beta} | " + " | ".join(f"{k:.4f}" for k in kl) + " |")
     raise SystemExit
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +305,8 @@ first_params = sum(layer.base.weight.numel() for layer in first_qkv)
 first_lora_in = sum(layer.A["policy"].numel() for layer in first_qkv)  # r * in of their LoRA A
 
 
-def forward_flops(S, K, lora):  # forward of B rows: 2 S (N + N_lora if an adapter is on) + 2 K d V (the LM head)
+def forward_flops(S, K, lora):  # forward of B rows: 2 S (N + N_lora if an adapter is on) + 2 K d V (the LM head,
+    # in float32 on bf16 values: TF32 tensor cores on a GPU)
     return B * (2 * S * (linear_params + lora * lora_params) + 2 * K * d * V)
 
 
@@ -268,10 +320,10 @@ def attention_flops(S):  # causal: QK^T and AV over S^2 / 2 query-key pairs, 2 d
     return B * 2 * L * S * S * d
 
 
-# step 3: ref, policy, q_target forwards over the action (S = P + T, K = T + 1) and over the next prompt (S = P,
+# step 3: ref, policy, q_target forwards over the action (S = P + T, K = T) and over the next prompt (S = P,
 # K = 1); step 4: q forward + backward; step 5: q forward, policy forward + backward. A backward of the attention
 # costs twice its forward (dQ, dK, dV and the scores' gradient).
-matmul_flops = (5 * forward_flops(P + T, T + 1, 1) + forward_flops(P + T, T + 1, 0) + 2 * backward_flops(P + T, T + 1)
+matmul_flops = (5 * forward_flops(P + T, T, 1) + forward_flops(P + T, T, 0) + 2 * backward_flops(P + T, T)
                 + 2 * forward_flops(P, 1, 1) + forward_flops(P, 1, 0))
 flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flops(P)
 with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula

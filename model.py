@@ -99,6 +99,9 @@ class AdapterLM(nn.Module):
                     self.layers.append(lora)
         if not self.layers:
             raise ValueError(f"no linear layer named {list(targets)} in {name}: pass --lora-targets for this model")
+        config = self.hf.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise ValueError(f"{name} rescales its logits after the LM head, which AdapterLM.head does not do")
         if "value" in self.names:  # PPO-KL's V(s): a scalar head on the last prompt token, zero at init
             self.value_head = nn.Linear(self.hf.config.hidden_size, 1, device=self.device, dtype=torch.float32)
             nn.init.zeros_(self.value_head.weight)
@@ -138,7 +141,7 @@ class AdapterLM(nn.Module):
         return params + (list(self.value_head.parameters()) if name == "value" else [])
 
     def action_logits(self, prompt_ids, prompt_mask, tokens, action_mask):
-        """Logits at the positions that predict each action token, (B, T, V), never the prompt's (B, P, V).
+        """Logits at the positions that predict each action token, (B, T, V) in float32, never the prompt's.
 
         prompt_ids (B, P) left-padded, tokens (B, T) right-padded. Position P - 1 + j holds pi(.|x^j), the
         distribution of action token j given the prompt and the j tokens before it.
@@ -147,8 +150,15 @@ class AdapterLM(nn.Module):
         mask = torch.cat([prompt_mask, action_mask], dim=1).long()  # (B, P + T)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T), left padding does not shift positions
         T = tokens.shape[1]
-        out = self.hf(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=T + 1, use_cache=False)
-        return out.logits[:, :-1]  # (B, T, V): positions P-1 .. P+T-2
+        hidden = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        return self.head(hidden.last_hidden_state[:, -(T + 1) : -1])  # (B, T, V): positions P-1 .. P+T-2
+
+    def head(self, hidden):
+        """The LM head in float32: logits = W h, (..., V). ETPO's Q is a difference of two logits, l_Q - l_bar
+        (etpo.q_from_logits), later divided by beta (0.01 in the paper); bf16 rounds a logit of 16-32 to a multiple
+        of 0.125, which would swamp it. On the tiny model run in bf16, the float32 head cuts the error of Q at the
+        taken tokens from 0.023 to 0.006 (README, "bf16 numerics")."""
+        return F.linear(hidden.float(), self.hf.get_output_embeddings().weight.float())
 
     def state_value(self, prompt_ids, prompt_mask):
         """PPO-KL's V(s), (B,): the value head on the decoder's last hidden state of each prompt (run it inside
@@ -158,10 +168,11 @@ class AdapterLM(nn.Module):
         return self.value_head(hidden.last_hidden_state[:, -1].float())[:, 0]  # (B,)
 
     def last_logits(self, prompt_ids, prompt_mask):
-        """Logits of the first action token, pi(.|x^0), (B, V): used for V(x_{t+1}^0)."""
+        """Logits of the first action token, pi(.|x^0), (B, V) in float32: used for V(x_{t+1}^0)."""
         positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
-        out = self.hf(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1)
-        return out.logits[:, -1]  # (B, V)
+        hidden = self.hf.get_decoder()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                                       use_cache=False)
+        return self.head(hidden.last_hidden_state[:, -1])  # (B, V)
 
     # ------------------------------------------------------------------------------------------------------------
     # tokenization: the prompt and the action are encoded separately, so the action's token ids never change
@@ -315,6 +326,8 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
 
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # the float32 head (AdapterLM.head) multiplies bf16 values, which TF32 holds exactly
+        torch.backends.cuda.matmul.allow_tf32 = True
     if name == "tiny":
         hf, tok = build_tiny(cache_dir)
         lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name,

@@ -1,6 +1,7 @@
 """
-bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table and the
-reference-policy sampling table come out with numbers. Figures themselves are measured, never asserted.
+bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table, the
+reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
+never asserted.
 
 Run: python -m pytest tests/test_bench.py -q
 """
@@ -44,3 +45,17 @@ def test_environment_and_sampling_benchmarks():
     assert re.search(r"\| iris \| 16 \| \d+ \| 2 \| [\d.]+ \| [\d.]+ \|", out)
     out = bench("--sample", "iris", "--model", "tiny", "--action-len", "96")
     assert re.search(r"\| tiny \| iris \| 1.0 \| \d+ \| \d+ \| [+-][\d.]+ \|", out)
+
+
+def test_numerics_benchmark_on_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps",
+                        "16", "--max-new-tokens", "32", "--sample-every", "0", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = bench("--numerics", str(out / "ckpt.pt"))
+    assert "| tiny, iris | float32 model | bf16, float32 head | bf16 logits |" in out
+    errors = re.search(r"\| mean abs error of Q at the taken tokens \| (\S+) \| (\S+) \| (\S+) \|", out).groups()
+    assert float(errors[0]) == 0.0 and float(errors[2]) > 0.0  # the float32 model against itself; bf16 rounding
+    for beta in ("0.01", "0.05", "0.2"):
+        assert re.search(rf"\| KL\(pi\*_float32 .+\), beta {beta} \| 0.0000 \| \S+ \| \S+ \|", out)
