@@ -9,8 +9,8 @@ adapters `policy`, `q` and `q_target`; running with no adapter is the reference.
 
 What a reader finds here, top to bottom:
 1. LoRA written out: y = W x + (alpha / r) * B A x with B = 0 at init (Hu et al., arXiv 2106.09685).
-2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only,
-   batched sampling with a KV cache, save / load adapters without the base weights.
+2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only (LM head in
+   float32), batched sampling with a static KV cache, save / load adapters without the base weights.
 3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (built offline
    and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
    (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
@@ -221,6 +221,8 @@ class AdapterLM(nn.Module):
         in place; "dynamic" (transformers' default) concatenates each step's onto a copy of the whole cache, which
         reads and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that is ~17 GB
         per step, more than the 13.5 GB of weights (bench.py measures both)."""
+        from transformers import DynamicCache, StaticCache
+
         B, P = prompt_ids.shape
         stop_ids = self.stop_ids() if self.tokenizer is not None else torch.empty(0, dtype=torch.long)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
@@ -231,26 +233,31 @@ class AdapterLM(nn.Module):
         window = max((len(s) for s in stop_strings), default=0) + 2  # tokens that can hold a just-completed stop
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        kv = None  # dynamic: the model creates one at the prefill
-        if cache == "static":
-            from transformers import StaticCache
-
-            # keyword arguments that transformers 4.x needs and 5.x ignores (it allocates at the first write)
+        static = cache == "static"
+        if static:  # max_batch_size, device, dtype: transformers 4.x needs them, 5.x allocates at the first write
             kv = StaticCache(config=self.hf.config, max_batch_size=B, max_cache_len=P + max_new_tokens,
                              device=self.device, dtype=self.hf.dtype)
-        seen = lambda n: mask if cache == "static" else mask[:, :n]  # noqa: E731  the mask over the cache's slots
-        # transformers 4.x takes the cache slots to write (and infers them wrongly when row 0 starts with padding);
+        else:
+            kv = DynamicCache()
+        # transformers 4.x takes the cache slots to write (it guesses them wrongly when row 0 starts with padding);
         # 5.x counts them in the cache itself
-        slots = "cache_position" in inspect.signature(self.hf.forward).parameters
-        at = lambda start, n: {"cache_position": torch.arange(start, start + n, device=self.device)} if slots else {}  # noqa: E731
+        explicit_slots = "cache_position" in inspect.signature(self.hf.forward).parameters
+
+        def forward(ids, positions, start):
+            """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""
+            slots = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)}
+            seen = mask if static else mask[:, : start + ids.shape[1]]  # a static cache attends over all its slots
+            out = self.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv,
+                          use_cache=True, logits_to_keep=1, **(slots if explicit_slots else {}))
+            return out.logits[:, -1].float()  # (B, V)
+
         training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
         self.hf.eval()
         with self.adapter(adapter):
-            out = self.hf(input_ids=prompt_ids, attention_mask=seen(P), position_ids=positions, past_key_values=kv,
-                          use_cache=True, logits_to_keep=1, **at(0, P))
+            logits = forward(prompt_ids, positions, 0)
             positions = positions[:, -1:].clone()  # (B, 1)
             for t in range(max_new_tokens):
-                w = sample(out.logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+                w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 w = torch.where(done, torch.full_like(w, pad), w)
                 tokens[:, t] = w
                 lengths += (~done).long()
@@ -264,10 +271,9 @@ class AdapterLM(nn.Module):
                         done[b] = any(s in text for s in stop_strings)
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
-                mask[:, P + t] = 1  # token t is now in the cache's slot P + t
+                mask[:, P + t] = 1  # token t goes into the cache's slot P + t
                 positions += 1
-                out = self.hf(input_ids=w[:, None], attention_mask=seen(P + t + 1), position_ids=positions,
-                              past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1, **at(P + t, 1))
+                logits = forward(w[:, None], positions, P + t)
         self.hf.train(training)
         return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
 
