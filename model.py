@@ -247,6 +247,8 @@ class AdapterLM(nn.Module):
             """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""
             slots = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)}
             seen = mask if static else mask[:, : start + ids.shape[1]]  # a static cache attends over all its slots
+            if static and ids.shape[1] == 1:  # one new token sees exactly the filled slots: pass that (B, 1, 1, slots)
+                seen = seen[:, None, None, :].bool()  # mask as is, so transformers builds none (~20 kernels, a sync)
             out = self.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv,
                           use_cache=True, logits_to_keep=1, **(slots if explicit_slots else {}))
             return out.logits[:, -1].float()  # (B, V)
