@@ -213,40 +213,53 @@ def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension
 
 
 rows = []
-caches = ("static", "dynamic")  # model.py's default, and transformers' torch.cat cache for comparison
+# model.py's default, transformers' torch.cat cache for comparison, and on a GPU the static cache replayed as a
+# CUDA graph (last: it had never run on a GPU when this was written, and a failure must not cost the other figures)
+variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"}}
+if cuda:
+    variants["static cache + CUDA graph"] = {"cuda_graph": True}
+torch.manual_seed(0)
+batches = {B: random_prompts(B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
 tok_s = {}
-for B in [int(s) for s in args.rollout_batches.split(",")]:
-    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
-    for cache in caches:
+for variant, options in variants.items():
+    for B, (prompt_ids, prompt_mask) in batches.items():
         lengths = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
-        def rollout():  # the same seed for both caches, so they sample the same tokens
+        def rollout():  # the same seed for every variant, so they sample the same tokens
             generator = torch.Generator(device).manual_seed(0)
             lengths.append(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                         generator=generator, cache=cache)[1])
+                                         generator=generator, **options)[1])
 
-        seconds = timed(rollout, args.iters)
+        try:
+            seconds = timed(rollout, args.iters)
+        except RuntimeError as e:
+            rows.append(f"| rollout B={B}, {variant} | failed: {str(e).splitlines()[0][:100]} | | |")
+            continue
         tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
-        tok_s[cache] = tokens / seconds
+        tok_s[variant] = tokens / seconds  # at the last B, for the rows below
         # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV ignored)
         roofline = B * bandwidth / weight_bytes
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        rows.append(f"| rollout B={B}, {cache} cache | {tok_s[cache]:,.0f} tok/s | {tok_s[cache] / roofline:.0%} of "
+        rows.append(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
                     f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
 
-for cache in caches:  # one more rollout at the last B, counted: the prefill and one forward per further token
+for variant in ("static cache", "dynamic cache"):  # one more rollout at the last B, counted (a graph's replays are
+    # invisible to a dispatch mode): the prefill and one forward per further token
     with Operators() as ops:
         generator = torch.Generator(device).manual_seed(0)
         steps = int(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                  generator=generator, cache=cache)[1].max())
+                                  generator=generator, **variants[variant])[1].max())
     # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
     # here, B tokens take (bytes per step) / bandwidth seconds
     per_step = ops.bytes / steps
     bound = B * bandwidth / per_step
-    rows.append(f"| decode step B={B}, {cache} cache | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
-                f"moved | {tok_s[cache] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+    rows.append(f"| decode step B={B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
+                f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+    if variant == "static cache" and "static cache + CUDA graph" in tok_s:  # the same kernels and bytes, replayed
+        rows.append(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
+                    f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
 
 # ----------------------------------------------------------------------------------------------------------------

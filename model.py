@@ -212,7 +212,7 @@ class AdapterLM(nn.Module):
 
     @torch.no_grad()
     def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
-                   top_p=1.0, stop_strings=(), generator=None, progress=None, cache="static"):
+                   top_p=1.0, stop_strings=(), generator=None, progress=None, cache="static", cuda_graph=False):
         """The sampling loop on token ids, with a KV cache: one prefill of the left-padded prompts (B, P), then one
         token per step for every row until each row has stopped or max_new_tokens is reached. `progress` (a tqdm
         bar, optional) advances one per step.
@@ -220,7 +220,11 @@ class AdapterLM(nn.Module):
         cache="static" preallocates the keys and values of all P + max_new_tokens positions and writes each step's
         in place; "dynamic" (transformers' default) concatenates each step's onto a copy of the whole cache, which
         reads and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that is ~17 GB
-        per step, more than the 13.5 GB of weights (bench.py measures both)."""
+        per step, more than the 13.5 GB of weights (bench.py measures both).
+
+        cuda_graph=True (static cache, CUDA, transformers 5) records one decode step as a CUDA graph and replays it
+        for every further token: thousands of kernel launches and their Python become one launch. Not yet run on a
+        GPU as of this writing, so it is off by default; `python bench.py` on a GPU measures it."""
         from transformers import DynamicCache, StaticCache
 
         B, P = prompt_ids.shape
@@ -242,13 +246,15 @@ class AdapterLM(nn.Module):
         # transformers 4.x takes the cache slots to write (it guesses them wrongly when row 0 starts with padding);
         # 5.x counts them in the cache itself
         explicit_slots = "cache_position" in inspect.signature(self.hf.forward).parameters
+        if cuda_graph and (not static or explicit_slots or self.device.type != "cuda"):
+            raise ValueError("cuda_graph needs cache='static', a CUDA device and transformers 5 or later")
 
         def forward(ids, positions, start):
             """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""
             slots = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)}
             seen = mask if static else mask[:, : start + ids.shape[1]]  # a static cache attends over all its slots
-            if static and ids.shape[1] == 1:  # one new token sees exactly the filled slots: pass that (B, 1, 1, slots)
-                seen = seen[:, None, None, :].bool()  # mask as is, so transformers builds none (~20 kernels, a sync)
+            if static and ids.shape[1] == 1:  # one new token sees exactly the filled slots: handing that over as a
+                seen = seen[:, None, None, :].bool()  # (B, 1, 1, slots) mask saves transformers ~9 kernels a step
             out = self.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv,
                           use_cache=True, logits_to_keep=1, **(slots if explicit_slots else {}))
             return out.logits[:, -1].float()  # (B, V)
@@ -258,6 +264,7 @@ class AdapterLM(nn.Module):
         with self.adapter(adapter):
             logits = forward(prompt_ids, positions, 0)
             positions = positions[:, -1:].clone()  # (B, 1)
+            new, graph = torch.empty(B, 1, dtype=torch.long, device=self.device), None  # fixed addresses for a graph
             for t in range(max_new_tokens):
                 w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 w = torch.where(done, torch.full_like(w, pad), w)
@@ -275,7 +282,16 @@ class AdapterLM(nn.Module):
                     break
                 mask[:, P + t] = 1  # token t goes into the cache's slot P + t
                 positions += 1
-                logits = forward(w[:, None], positions, P + t)
+                new.copy_(w[:, None])
+                if cuda_graph and t > 0:  # step 0 ran eagerly and warmed up; record step 1, replay it from then on
+                    if graph is None:
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):  # records the kernels without running them
+                            graph_logits = forward(new, positions, P + t)  # the cache advances its own slot
+                    graph.replay()
+                    logits = graph_logits  # overwritten by the next replay, after it has been sampled from
+                else:
+                    logits = forward(new, positions, P + t)
         self.hf.train(training)
         return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
 

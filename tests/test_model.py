@@ -180,6 +180,38 @@ def test_the_float32_head_keeps_q_accurate_when_the_base_runs_in_bf16():
     assert head_error < 0.6 * rounded_error  # 0.012 against 0.029 here; equal if the head rounded to bf16
 
 
+def test_a_static_cache_decode_step_never_waits_on_the_device(lm, monkeypatch):
+    # what a CUDA graph needs: no value read back (.item(), bool(tensor)) inside a decode step's forward
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("cuda_graph needs transformers 5")
+
+    class ReadBacks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls[-1] += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    calls, forward = [], lm.hf.forward
+
+    def counted(*args, **kwargs):
+        calls.append(0)
+        with ReadBacks():
+            return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.hf, "forward", counted)
+    prompt_ids, prompt_mask = lm.encode_prompts(PROMPTS)  # row 1 is left-padded
+    for cache in ("static", "dynamic"):
+        calls.clear()
+        lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0, cache=cache)
+        decode_steps = calls[1:]  # calls[0] is the prefill
+        assert len(decode_steps) == 5
+        assert sum(decode_steps) == 0 if cache == "static" else sum(decode_steps) > 0  # dynamic checks its mask
+    with pytest.raises(ValueError, match="cuda_graph needs cache='static', a CUDA device"):
+        lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=2, cuda_graph=True)
+
+
 def test_sampling_filters_restrict_the_support():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     assert int(model.sample(logits, top_k=1)) == 1
