@@ -283,15 +283,21 @@ class AdapterLM(nn.Module):
                 mask[:, P + t] = 1  # token t goes into the cache's slot P + t
                 positions += 1
                 new.copy_(w[:, None])
-                if cuda_graph and t > 0:  # step 0 ran eagerly and warmed up; record step 1, replay it from then on
+                if not cuda_graph:
+                    logits = forward(new, positions, P + t)
+                elif t == 0:  # an eager warm-up step on a side stream, as torch's notes on CUDA graphs ask
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        logits = forward(new, positions, P)
+                    torch.cuda.current_stream().wait_stream(side)
+                else:  # record step 1 once, then replay it for every token (the cache advances its own slot)
                     if graph is None:
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph):  # records the kernels without running them
-                            graph_logits = forward(new, positions, P + t)  # the cache advances its own slot
+                            graph_logits = forward(new, positions, P + t)
                     graph.replay()
                     logits = graph_logits  # overwritten by the next replay, after it has been sampled from
-                else:
-                    logits = forward(new, positions, P + t)
         self.hf.train(training)
         return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
 
