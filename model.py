@@ -85,6 +85,7 @@ class AdapterLM(nn.Module):
                  max_prompt_tokens=None):
         super().__init__()
         self.hf, self.tokenizer, self.name, self.max_prompt_tokens = hf_model, tokenizer, name, max_prompt_tokens
+        self.anchor = None  # see decode()
         self.names = tuple(adapters)
         self.lora = {"r": r, "alpha": alpha, "targets": list(targets)}
         for p in self.hf.parameters():
@@ -206,9 +207,11 @@ class AdapterLM(nn.Module):
         one leading space when decoding from a sequence's first token, which would leave the first line of a
         function body indented by 3 and the program unparsable; decoding after an anchor token and cutting the
         anchor's text off keeps it."""
-        anchor = self.tokenizer("a", add_special_tokens=False).input_ids
-        text = self.tokenizer.decode(anchor + [int(i) for i in ids], skip_special_tokens=True)
-        return text[len(self.tokenizer.decode(anchor)) :]
+        if self.anchor is None:  # once: the anchor's ids and the length of its text
+            ids_a = self.tokenizer("a", add_special_tokens=False).input_ids
+            self.anchor = (ids_a, len(self.tokenizer.decode(ids_a)))
+        text = self.tokenizer.decode(self.anchor[0] + [int(i) for i in ids], skip_special_tokens=True)
+        return text[self.anchor[1] :]
 
     @torch.no_grad()
     def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
