@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench(*args):
-    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -51,7 +51,7 @@ def test_numerics_benchmark_on_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps",
                         "16", "--max-new-tokens", "32", "--sample-every", "0", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     out = bench("--numerics", str(out / "ckpt.pt"))
     assert "| tiny, iris | float32 model | bf16, float32 head | bf16 logits |" in out
