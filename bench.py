@@ -21,7 +21,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -107,10 +106,8 @@ if args.numerics:  # -----------------------------------------------------------
     # head that model.py uses and with logits rounded to bf16 as the model itself would return them
     ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
     config = ckpt["config"]
-    lm32 = model.load(config["model"], device=device, r=config["lora_rank"], alpha=2 * config["lora_rank"],
-                      adapters=tuple(ckpt["adapters"]["weights"]))
+    lm32 = model.from_checkpoint(ckpt["adapters"], device)
     lm32.hf.float()
-    lm32.load_adapter_state(ckpt["adapters"])
     lm16 = copy.deepcopy(lm32)
     lm16.hf.to(torch.bfloat16)
     for layer in lm16.layers:  # the adapters stay float32 masters, as in training
@@ -142,9 +139,8 @@ if args.numerics:  # -----------------------------------------------------------
     print("| mean abs error of Q at the taken tokens | "
           + " | ".join(f"{(taken(q) - taken(truth[0])).abs().mean():.4f}" for q, _ in runs.values()) + " |")
     for beta in betas:
-        star = lambda q, ref: F.log_softmax(F.log_softmax(ref, -1) + q / beta, -1)  # noqa: E731  log pi*
-        p = star(*truth)
-        kl = [(p.exp() * (p - star(q, ref))).sum(-1)[mask.bool()].mean() for q, ref in runs.values()]
+        p = etpo.log_pi_star(*truth, beta)  # KL(pi*_float32 || pi*) = sum_w pi*_float32 (log pi*_float32 - log pi*)
+        kl = [(p.exp() * (p - etpo.log_pi_star(q, ref, beta))).sum(-1)[mask.bool()].mean() for q, ref in runs.values()]
         print(f"| KL(pi*_float32 \\|\\| pi*), beta {beta} | " + " | ".join(f"{k:.4f}" for k in kl) + " |")
     raise SystemExit
 

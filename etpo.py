@@ -15,6 +15,8 @@ Departures from the paper:
    Q(x, w) = l_Q(x)[w] - l_bar(x)[w] (ETPO.md section 5), so Q == 0 for every token at init.
 2. token_targets can optionally use a lambda-return inside an action (ETPO.md section 6, "How fast
    credit travels"); lam = 0 (the default) is exactly the paper's one-step target.
+3. conservative_penalty, an optional term of the Q loss (train.py --conservative; 0, the paper, by default)
+   that keeps Q from rising on tokens no rollout tried.
 
 Legend (shapes; B = batch of transitions, T = action tokens, padded; V = vocabulary):
     pi_logits   (B, T, V)  policy logits at the prefixes x_t^0 .. x_t^{T-1}; pi = softmax(pi_logits)
@@ -41,6 +43,12 @@ import torch.nn.functional as F
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     # bf16 logits lose ~3 significant digits; every probability below is computed in fp32 (or fp64 in tests)
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, T) over the real tokens (mask 1), 0 if there are none."""
+    mask = mask.to(x)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def soft_value(pi_logits: torch.Tensor, q: torch.Tensor, ref_logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -95,8 +103,7 @@ def q_loss(q_taken: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, hub
         err = (q_taken - targets) ** 2  # (B, T)
     else:  # the official code uses Huber with delta 10 (and a factor 1/2 on the square part)
         err = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)  # (B, T)
-    mask = mask.to(err)
-    return (err * mask).sum() / mask.sum().clamp(min=1.0)
+    return _masked_mean(err, mask)
 
 
 def conservative_penalty(q: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, beta: float,
@@ -111,8 +118,7 @@ def conservative_penalty(q: torch.Tensor, ref_logits: torch.Tensor, tokens: torc
     q = _at_least_float32(q)
     v_star = beta * torch.logsumexp(ref_logp + q / beta, dim=-1)  # (B, T) V*(x) = beta log E_pi_bar[exp(Q / beta)]
     q_taken = q.gather(-1, tokens[..., None])[..., 0]  # (B, T) Q(x, w_taken)
-    mask = mask.to(v_star)
-    return ((v_star - q_taken) * mask).sum() / mask.sum().clamp(min=1.0)
+    return _masked_mean(v_star - q_taken, mask)
 
 
 def policy_loss(pi_logits: torch.Tensor, q: torch.Tensor, ref_logits: torch.Tensor, beta: float, mask: torch.Tensor):
@@ -123,8 +129,7 @@ def policy_loss(pi_logits: torch.Tensor, q: torch.Tensor, ref_logits: torch.Tens
     # ETPO eq. 7: L_pi = E_x[ KL( pi_theta(.|x) || pi*(.|x) ) ],  pi*(w|x) ~ pi_bar(w|x) * exp(Q(x, w) / beta)
     #                  = E_x[ sum_w pi_theta(w|x) * ( log pi_theta(w|x) - log pi_bar(w|x) - Q(x, w) / beta ) ] + const
     per_token = (logp.exp() * (logp - ref_logp - q / beta)).sum(dim=-1)  # (B, T)
-    mask = mask.to(per_token)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return _masked_mean(per_token, mask)
 
 
 def q_from_logits(q_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -151,16 +156,19 @@ def kl_and_entropy(pi_logits: torch.Tensor, ref_logits: torch.Tensor):
 def token_stats(pi_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor):
     """Mean over real tokens of KL(pi || pi_bar) and of the entropy of pi, for logging."""
     kl, entropy = kl_and_entropy(pi_logits, ref_logits)  # (B, T) each
-    mask = mask.to(kl)
-    n = mask.sum().clamp(min=1.0)
-    return (kl * mask).sum() / n, (entropy * mask).sum() / n
+    return _masked_mean(kl, mask), _masked_mean(entropy, mask)
+
+
+def log_pi_star(q: torch.Tensor, ref_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """log pi*(w|x), shape q.shape: the policy target of ETPO eq. 7."""
+    ref_logp = F.log_softmax(_at_least_float32(ref_logits), dim=-1)  # (..., V) log pi_bar(w|x)
+    # ETPO eq. 7: pi*(w|x) = pi_bar(w|x) * exp(Q(x, w) / beta) / sum_w' pi_bar(w'|x) * exp(Q(x, w') / beta)
+    return F.log_softmax(ref_logp + _at_least_float32(q) / beta, dim=-1)
 
 
 def rare_token_mass(q: torch.Tensor, ref_logits: torch.Tensor, beta: float, mask: torch.Tensor, rare: float = 1e-3):
     """Mean over real tokens of the mass that pi* ~ pi_bar * exp(Q / beta) puts on tokens the reference gives less than
     `rare`, for logging: Q rising on tokens no rollout tried (and 1 / beta amplifying it) shows here first."""
-    ref_logp = F.log_softmax(_at_least_float32(ref_logits), dim=-1)  # (B, T, V)
-    pi_star = F.softmax(ref_logp + _at_least_float32(q) / beta, dim=-1)  # (B, T, V)
-    mass = (pi_star * (ref_logp < math.log(rare))).sum(-1)  # (B, T)
-    mask = mask.to(mass)
-    return (mass * mask).sum() / mask.sum().clamp(min=1.0)
+    rare_tokens = F.log_softmax(_at_least_float32(ref_logits), dim=-1) < math.log(rare)  # (B, T, V)
+    mass = (log_pi_star(q, ref_logits, beta).exp() * rare_tokens).sum(-1)  # (B, T)
+    return _masked_mean(mass, mask)

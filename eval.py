@@ -59,22 +59,21 @@ BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM
 
 def load_policy(args):
     """The model and its adapters from a checkpoint, or the bare model; and the run's configuration."""
-    config, adapters = {}, model.ADAPTERS
+    config = {}
     if args.ckpt:
         try:
             ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-            config, adapters = ckpt["config"], tuple(ckpt["adapters"]["weights"])  # the adapters the run trained
+            config, adapters = ckpt["config"], ckpt["adapters"]  # the base, LoRA shape and adapters the run trained
+            if not {"model", "lora", "weights"} <= set(adapters):
+                raise KeyError("adapters")
         except Exception as e:  # any unreadable file gets the same answer
             sys.exit(f"error: could not read the checkpoint {args.ckpt} ({type(e).__name__}); pass a ckpt.pt "
                      "that train.py wrote")
     name = config.get("model") or args.model
     if name is None:
         sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
-    rank = config.get("lora_rank", 16)
     try:
-        lm = model.load(name, device=args.device, r=rank, alpha=2 * rank, adapters=adapters)
-        if args.ckpt:
-            lm.load_adapter_state(ckpt["adapters"])
+        lm = model.from_checkpoint(adapters, args.device) if args.ckpt else model.load(name, args.device)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     tiny = name == "tiny"

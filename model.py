@@ -254,12 +254,13 @@ class AdapterLM(nn.Module):
 
         def forward(ids, positions, start):
             """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""
-            slots = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)}
-            seen = mask if static else mask[:, : start + ids.shape[1]]  # a static cache attends over all its slots
-            if static and ids.shape[1] == 1:  # one new token sees exactly the filled slots: handing that over as a
+            n = ids.shape[1]
+            slots = {"cache_position": torch.arange(start, start + n, device=self.device)} if explicit_slots else {}
+            seen = mask if static else mask[:, : start + n]  # a static cache attends over all its slots
+            if static and n == 1:  # one new token sees exactly the filled slots: handing that over as a
                 seen = seen[:, None, None, :].bool()  # (B, 1, 1, slots) mask saves transformers ~9 kernels a step
             out = self.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv,
-                          use_cache=True, logits_to_keep=1, **(slots if explicit_slots else {}))
+                          use_cache=True, logits_to_keep=1, **slots)
             return out.logits[:, -1].float()  # (B, V)
 
         training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
@@ -395,6 +396,16 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
         else:
             lm.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.hf.train()
+    return lm
+
+
+def from_checkpoint(adapter_state, device=None):
+    """The AdapterLM that train.py's checkpoint["adapters"] describes (base model, LoRA shape, adapter names), with
+    those adapters loaded."""
+    lora = adapter_state["lora"]
+    lm = load(adapter_state["model"], device=device, r=lora["r"], alpha=lora["alpha"], targets=lora["targets"],
+              adapters=tuple(adapter_state["weights"]))
+    lm.load_adapter_state(adapter_state)
     return lm
 
 

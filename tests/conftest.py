@@ -1,10 +1,28 @@
 """
-A stand-in for CodeLlama that needs no download: its tokenizer class (SentencePiece-style BPE with byte fallback,
-<PRE> <SUF> <MID> <EOT> infilling) on a vocabulary of single characters, and a one-block Llama of that vocabulary.
+Shared fixtures: a checkpoint of a short tiny-model run, and a stand-in for CodeLlama that needs no download: its
+tokenizer class (SentencePiece-style BPE with byte fallback, <PRE> <SUF> <MID> <EOT> infilling) on a vocabulary of
+single characters, and a one-block Llama of that vocabulary.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """RUN/ckpt.pt of 16 environment steps of ETPO with the tiny model on iris."""
+    out = tmp_path_factory.mktemp("run") / "etpo"
+    r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps",
+                        "16", "--max-new-tokens", "64", "--sample-every", "0", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(out / "ckpt.pt")
 
 
 def build_codellama_like():

@@ -47,13 +47,8 @@ def test_environment_and_sampling_benchmarks():
     assert re.search(r"\| tiny \| iris \| 1.0 \| \d+ \| \d+ \| [+-][\d.]+ \|", out)
 
 
-def test_numerics_benchmark_on_a_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps",
-                        "16", "--max-new-tokens", "32", "--sample-every", "0", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = bench("--numerics", str(out / "ckpt.pt"))
+def test_numerics_benchmark_on_a_checkpoint(ckpt):
+    out = bench("--numerics", ckpt)
     assert "| tiny, iris | float32 model | bf16, float32 head | bf16 logits |" in out
     errors = re.search(r"\| mean abs error of Q at the taken tokens \| (\S+) \| (\S+) \| (\S+) \|", out).groups()
     assert float(errors[0]) == 0.0 and float(errors[2]) > 0.0  # the float32 model against itself; bf16 rounding

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,15 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "etpo"
-    r = run("train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps", "16", "--max-new-tokens",
-            "64", "--sample-every", "0", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
-    return str(out / "ckpt.pt")
 
 
 def test_table_csv_and_credit_view(ckpt, tmp_path):
