@@ -13,14 +13,19 @@ smoke-test it.
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
     python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
     python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
+    python bench.py --memory                           # the update's peak memory and largest B, simulated (no GPU)
 """
 
 import argparse
+import contextlib
 import copy
+import functools
 import math
 import time
+import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,6 +42,8 @@ parser.add_argument("--action-len", type=int, default=256, help="action tokens T
 parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout measurement")
 parser.add_argument("--iters", type=int, default=3, help="timed repetitions (after one warm-up)")
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
+parser.add_argument("--memory", action="store_true", help="simulate the update's memory on fake tensors (any machine)")
+parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for --memory's largest B (80 GB H100: 78)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
@@ -63,6 +70,110 @@ def timed(fn, iters):
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
+
+
+def random_prompts(lm, B, P, padded=False):
+    """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) + 1 pad positions, as prompts
+    of different lengths are left-padded in training (the model then builds its attention mask, as in training)."""
+    ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), device=lm.device)  # ids 0-2 are special in every preset
+    if not padded:
+        return ids, torch.ones_like(ids)
+    pads = torch.arange(B, device=lm.device) % (P - 1) + 1  # (B,)
+    mask = (torch.arange(P, device=lm.device)[None] >= pads[:, None]).long()  # (B, P)
+    return ids * mask, mask
+
+
+def adamw(lm):
+    return {name: torch.optim.AdamW(lm.adapter_params(name), lr=1e-4, weight_decay=0.0) for name in ("q", "policy")}
+
+
+def update(lm, optimizers, B):
+    """One full ETPO update on random tokens: train.py's steps 3-6 at the paper's settings (one Q step, no
+    conservative penalty), gradient clipping and AdamW included, its logged statistics left out. Returns the bytes
+    each transition keeps between the rollout and the update."""
+    P, T, device = args.prompt_len, args.action_len, lm.device
+    prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+    tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
+    mask = torch.ones(B, T, device=device)  # (B, T)
+    lengths = torch.full((B,), T, device=device)
+    action = (prompt_ids, prompt_mask, tokens, mask)
+    with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V)
+            next_ref = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)
+            next_pi = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("q_target"):
+            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+            next_q = etpo.q_from_logits(lm.last_logits(prompt_ids, prompt_mask), next_ref)
+        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, 0.01)
+        next_values = etpo.soft_value(next_pi, next_q, next_ref, 0.01)
+        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
+        y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
+                               torch.zeros(B, device=device), 0.99)
+        del pi_logits, q_tgt
+    stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
+    with lm.adapter("q"):  # 4. Q update
+        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
+        loss = etpo.q_loss(q_taken, y, mask)
+        optimizers["q"].zero_grad(set_to_none=True)  # as in train.py: a gradient lives until the next zero_grad
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), 1.0)
+    optimizers["q"].step()
+    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
+        with lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+    with lm.adapter("policy"):
+        loss = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask)
+        optimizers["policy"].zero_grad(set_to_none=True)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), 1.0)
+    optimizers["policy"].step()
+    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
+    return sum(t.numel() * t.element_size() for t in stored) / B
+
+
+class Allocations(TorchDispatchMode):
+    """Bytes of tensor storage alive now and at the peak, counted as torch.cuda.max_memory_allocated counts them
+    (less its rounding up to 512-byte blocks): every storage an operator returns, from its creation until it is
+    freed. Under FakeTensorMode tensors have shapes, dtypes and devices but no data, so a 7B model and its update
+    run on any CPU in seconds while this counts the bytes they would hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.storages:  # a new storage
+                storage = t.untyped_storage()
+                self.storages.add(storage._cdata)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self.freed, storage._cdata, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def freed(self, key, nbytes):
+        self.storages.discard(key)
+        self.live -= nbytes
+
+
+def simulate(config, B, checkpointing=False, fake=True):
+    """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
+    random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
+    the same on real tensors, to check the simulation."""
+    with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
+        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+        if checkpointing:
+            model.checkpoint_activations(lm.hf)
+        optimizers = adamw(lm)
+        update(lm, optimizers, B)
+        memory.peak = before = memory.live
+        update(lm, optimizers, B)
+        return before, memory.peak
+
 
 
 if args.env:  # ----------------------------------------------------------------------------------------------------
@@ -144,6 +255,47 @@ if args.numerics:  # -----------------------------------------------------------
         print(f"| KL(pi*_float32 \\|\\| pi*), beta {beta} | " + " | ".join(f"{k:.4f}" for k in kl) + " |")
     raise SystemExit
 
+if args.memory:  # -----------------------------------------------------------------------------------------------
+    # the update's memory without a GPU: simulate() runs it on fake tensors. The peak is affine in B (what is held
+    # before the update + B x one row's activations and logits), so two batches fix the line and a few more runs
+    # confirm the largest B that fits.
+    name = args.model or "codellama-7b-arch"
+    if name == "codellama-7b-arch":
+        config = model.codellama_7b_config()
+    elif name == "tiny":
+        config = model.load("tiny", device="cpu").hf.config
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(name)  # the config alone: a few kB, no weights are downloaded
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); "
+                             "pass a Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
+    B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
+    print(f"| {name}, P={P} T={T}, simulated | peak of the update | held before it (weights, adapters, AdamW "
+          f"state) | per row of B |\n|---|---|---|---|")
+    largest = []
+    for checkpointing in (False, True):
+        label = "gradient checkpointing" if checkpointing else "no checkpointing"
+        run = functools.cache(lambda n: simulate(config, n, checkpointing))  # B -> (bytes before, bytes at peak)
+        peak_at = lambda n: run(n)[1]  # noqa: E731
+        before = run(B)[0]
+        per_row = (peak_at(2 * B) - peak_at(B)) / B
+        print(f"| update B={B}, {label} | {peak_at(B) / gib:.3g} GiB | {before / gib:.3g} GiB | "
+              f"{per_row / gib:.3g} GiB |")
+        n = max(1, int((budget - (peak_at(B) - B * per_row)) // per_row))  # where the line crosses the budget
+        while n > 0 and peak_at(n) > budget:
+            n -= 1
+        while peak_at(n + 1) <= budget:
+            n += 1
+        largest.append(f"B = {n} ({label}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
+    print(f"| largest B within {args.gpu_gib:g} GiB | " + " | ".join(largest) + " | |")
+    if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
+        print(f"| update B={B} on real tensors here | {simulate(config, B, fake=False)[1]:,} bytes | simulated: "
+              f"{simulate(config, B)[1]:,} bytes | |")
+    raise SystemExit
+
 # ----------------------------------------------------------------------------------------------------------------
 # the machine's limits: bf16 (fp32 on CPU) matmul rate and memory bandwidth, measured here
 name = args.model or ("codellama-7b-arch" if cuda else "tiny")
@@ -171,11 +323,6 @@ weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())
 linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
 print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights, "
       f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)")
-
-
-def random_prompts(B, P):
-    ids = torch.randint(3, V, (B, P), device=device)  # (B, P); ids 0-2 are special in every preset
-    return ids, torch.ones_like(ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +362,7 @@ variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"}}
 if cuda:
     variants["static cache + CUDA graph"] = {"cuda_graph": True}
 torch.manual_seed(0)
-batches = {B: random_prompts(B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
+batches = {B: random_prompts(lm, B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
 tok_s = {}
 for variant, options in variants.items():
     for B, (prompt_ids, prompt_mask) in batches.items():
@@ -257,51 +404,14 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
         rows.append(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
                     f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# 2. one full ETPO update, a stripped copy of train.py steps 3-6 on random tokens
-def update(B):
-    prompt_ids, prompt_mask = random_prompts(B, args.prompt_len)
-    tokens = torch.randint(3, V, (B, args.action_len), device=device)  # (B, T)
-    mask = torch.ones(B, args.action_len, device=device)  # (B, T)
-    lengths = torch.full((B,), args.action_len, device=device)
-    action = (prompt_ids, prompt_mask, tokens, mask)
-    with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
-        with lm.adapter(None):
-            ref_logits = lm.action_logits(*action)  # (B, T, V)
-            next_ref = lm.last_logits(prompt_ids, prompt_mask)
-        with lm.adapter("policy"):
-            pi_logits = lm.action_logits(*action)
-            next_pi = lm.last_logits(prompt_ids, prompt_mask)
-        with lm.adapter("q_target"):
-            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
-            next_q = etpo.q_from_logits(lm.last_logits(prompt_ids, prompt_mask), next_ref)
-        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, 0.01)
-        next_values = etpo.soft_value(next_pi, next_q, next_ref, 0.01)
-        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
-        y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
-                               torch.zeros(B, device=device), 0.99)
-        del pi_logits, q_tgt
-    stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
-    with lm.adapter("q"):  # 4. Q update
-        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
-        etpo.q_loss(q_taken, y, mask).backward()
-    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
-        with lm.adapter("q"):
-            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
-    with lm.adapter("policy"):
-        etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask).backward()
-    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
-    for p in lm.parameters():
-        p.grad = None
-    return sum(t.numel() * t.element_size() for t in stored) / B
-
-
+# 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
 B, P, T = args.batch, args.prompt_len, args.action_len
+optimizers = adamw(lm)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 bytes_per_transition = []
-seconds = timed(lambda: bytes_per_transition.append(update(B)), args.iters)
+seconds = timed(lambda: bytes_per_transition.append(update(lm, optimizers, B)), args.iters)
 peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 # FLOPs of one update, counted matmul by matmul (2 FLOPs per multiply-add). N = weights of every projection of every
@@ -336,7 +446,7 @@ matmul_flops = (5 * forward_flops(P + T, T, 1) + forward_flops(P + T, T, 0) + 2 
                 + 2 * forward_flops(P, 1, 1) + forward_flops(P, 1, 0))
 flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flops(P)
 with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula
-    update(B)
+    update(lm, optimizers, B)
 # On a CPU torch does not count the fused attention kernel, so its count must equal the matmul formula exactly; on
 # a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
 counted = counter.get_total_flops()
@@ -344,6 +454,10 @@ rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / se
             f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak:.1f} GiB |")
 rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
             f"| {counted:.4g} counted by torch.utils.flop_counter | |")
+if cuda:  # the same update on fake tensors (bench.py --memory), next to the peak measured above
+    simulated = simulate(lm.hf.config, B)[1] / 2**30
+    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated:.2f} GiB | measured "
+                f"{peak:.2f} GiB | |")
 rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
             f"the taken token, prompt ids | |")
 
@@ -351,7 +465,7 @@ if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from
     fits, trial = 0, B
     while True:
         try:
-            update(trial)
+            update(lm, optimizers, trial)
             fits, trial = trial, trial * 2
         except torch.cuda.OutOfMemoryError:
             break

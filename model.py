@@ -21,6 +21,7 @@ while the base is bf16, since updates of lr 1e-6 vanish in bf16.
 """
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import json
@@ -65,12 +66,12 @@ class LoRALinear(nn.Module):
     def weights(self, dtype):
         """A and (alpha / r) * B of the active adapter, cast from the fp32 master weights to the base's dtype (the
         (B, T, in) activations are never copied to fp32). Without autograd, as in every step of a rollout, the cast
-        copies are kept until the weights change (a parameter's _version counts its in-place updates), which saves
-        three small kernels per projection per generated token."""
+        copies are kept until the weights change (a parameter's _version counts its in-place updates; .float() or
+        .to() gives it a new storage), which saves three small kernels per projection per generated token."""
         A, B = self.A[self.active], self.B[self.active]
         if torch.is_grad_enabled():
             return A.to(dtype), (self.scale * B).to(dtype)
-        key = (self.active, dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        key = (self.active, dtype, A.untyped_storage(), A._version, B.untyped_storage(), B._version)
         if self.cached[0] != key:
             self.cached = (key, A.to(dtype), (self.scale * B).to(dtype))
         return self.cached[1], self.cached[2]
@@ -369,8 +370,8 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     elif name == "codellama-7b-arch":
         if device.type != "cuda":
             raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
-        lm = AdapterLM(build_codellama_arch(device), None, r=r, alpha=alpha, targets=targets, adapters=adapters,
-                       name=name)
+        lm = AdapterLM(build_random(codellama_7b_config(), device), None, r=r, alpha=alpha, targets=targets,
+                       adapters=adapters, name=name)
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -380,8 +381,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
                                    "visible: use --model tiny on a CPU")
             tok = AutoTokenizer.from_pretrained(name)
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            old = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 56)  # `dtype` was torch_dtype
-            hf = AutoModelForCausalLM.from_pretrained(name, **{"torch_dtype" if old else "dtype": dtype}).to(device)
+            hf = AutoModelForCausalLM.from_pretrained(name, **dtype_argument(dtype)).to(device)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine "
                                "is offline, pass a local path with --model or use --model tiny") from None
@@ -389,14 +389,21 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             tok.pad_token = tok.unk_token or tok.eos_token
         hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
         lm = AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name)
-    if checkpointing:  # transformers checkpoints only in training mode; Llama-family models have no dropout
-        enable = getattr(lm.hf, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.hf.train()
+    if checkpointing:
+        checkpoint_activations(lm.hf)
     return lm
+
+
+def checkpoint_activations(hf):
+    """Gradient checkpointing: each block keeps only its input for the backward pass and recomputes the rest.
+    transformers checkpoints only in training mode; Llama-family models have no dropout, so that changes nothing
+    else."""
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.train()
 
 
 def from_checkpoint(adapter_state, device=None):
@@ -416,21 +423,30 @@ def approx_parameters(config):
     return L * (4 * d * d + 3 * d * d_ff) + 2 * config.vocab_size * d
 
 
-def build_codellama_arch(device):
-    """CodeLlama-7B's exact architecture with random bf16 weights, built directly on the device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def codellama_7b_config():
+    """CodeLlama-7B's architecture (the `codellama-7b-arch` preset)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
-                         rope_theta=1e6, rms_norm_eps=1e-5)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            hf = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    return LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                       rope_theta=1e6, rms_norm_eps=1e-5)
+
+
+def build_random(config, device):
+    """A causal LM of this architecture with random bf16 weights, built directly on the device (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):  # from_config writes the dtype into the config: give it a copy
+        hf = AutoModelForCausalLM.from_config(copy.deepcopy(config), **dtype_argument(torch.bfloat16))
     return hf.eval()
+
+
+def dtype_argument(dtype):
+    """transformers' keyword for a model's dtype: `dtype` since 4.56, `torch_dtype` before."""
+    import transformers
+
+    old = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 56)
+    return {"torch_dtype" if old else "dtype": dtype}
 
 
 # the `tiny` preset: a 2-layer Llama and a byte-level BPE tokenizer, built offline and warm-started by supervised

@@ -1,7 +1,8 @@
 """
 bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table, the
-reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
-never asserted.
+reference-policy sampling table, the bf16 numerics table and the memory simulation come out with numbers. Figures
+themselves are measured, never asserted; what is asserted is how they relate (the simulated update holds exactly the
+bytes of the real one, the largest batch fits and the next does not).
 
 Run: python -m pytest tests/test_bench.py -q
 """
@@ -38,6 +39,25 @@ def test_model_benchmark_on_cpu():
     assert matmuls == counted
     # per transition: prompt ids and mask (2 x 32 x 8 bytes), tokens (16 x 8), mask, y, ref logit (3 x 16 x 4)
     assert "| stored per transition | 0.8 KiB |" in out
+
+
+def test_memory_simulation_matches_real_tensors():
+    out = bench("--memory", "--model", "tiny", "--batch", "2", "--prompt-len", "32", "--action-len", "16",
+                "--gpu-gib", "0.05")
+    # the update on fake tensors holds exactly the bytes the same update holds on real tensors
+    row = re.search(r"\| update B=2 on real tensors here \| ([\d,]+) bytes \| simulated: ([\d,]+) bytes", out)
+    real, simulated = row.groups()
+    assert real == simulated and int(real.replace(",", "")) > 0
+    peaks = {}
+    for label in ("no checkpointing", "gradient checkpointing"):
+        peak, before, per_row = map(float, re.search(
+            rf"\| update B=2, {label} \| (\S+) GiB \| (\S+) GiB \| (\S+) GiB \|", out).groups())
+        assert before < peak and per_row > 0
+        peaks[label] = peak
+        # the largest B fits in the budget and the next one does not
+        n, needs = re.search(rf"B = (\d+) \({label}; B = \d+ needs (\S+) GiB\)", out).groups()
+        assert int(n) > 2 and float(needs) > 0.05
+    assert peaks["gradient checkpointing"] < peaks["no checkpointing"]
 
 
 def test_environment_and_sampling_benchmarks():
