@@ -25,7 +25,7 @@ import time
 import weakref
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -164,15 +164,22 @@ def simulate(config, B, checkpointing=False, fake=True):
     """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
     random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
     the same on real tensors, to check the simulation."""
-    with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
-        if checkpointing:
-            model.checkpoint_activations(lm.hf)
-        optimizers = adamw(lm)
-        update(lm, optimizers, B)
-        memory.peak = before = memory.live
-        update(lm, optimizers, B)
-        return before, memory.peak
+    try:
+        with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
+            lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+            if checkpointing:
+                model.checkpoint_activations(lm.hf)
+            optimizers = adamw(lm)
+            update(lm, optimizers, B)
+            memory.peak = before = memory.live
+            update(lm, optimizers, B)
+            return before, memory.peak
+    except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
+                           "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
+                           "later run it)") from None
 
 
 
@@ -273,6 +280,10 @@ if args.memory:  # -------------------------------------------------------------
             raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); "
                              "pass a Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
     B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
+    try:
+        simulate(config, 1)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"| {name}, P={P} T={T}, simulated | peak of the update | held before it (weights, adapters, AdamW "
           f"state) | per row of B |\n|---|---|---|---|")
     largest = []
@@ -455,9 +466,11 @@ rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / se
 rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
             f"| {counted:.4g} counted by torch.utils.flop_counter | |")
 if cuda:  # the same update on fake tensors (bench.py --memory), next to the peak measured above
-    simulated = simulate(lm.hf.config, B)[1] / 2**30
-    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated:.2f} GiB | measured "
-                f"{peak:.2f} GiB | |")
+    try:
+        simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
+    except RuntimeError as e:
+        simulated = f"failed: {e}"
+    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak:.2f} GiB | |")
 rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
             f"the taken token, prompt ids | |")
 

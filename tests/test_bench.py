@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,6 +44,10 @@ def test_model_benchmark_on_cpu():
 
 
 def test_memory_simulation_matches_real_tensors():
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x reads the attention mask's values, which fake tensors do not have")
     out = bench("--memory", "--model", "tiny", "--batch", "2", "--prompt-len", "32", "--action-len", "16",
                 "--gpu-gib", "0.05")
     # the update on fake tensors holds exactly the bytes the same update holds on real tensors
