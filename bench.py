@@ -61,6 +61,10 @@ def sync():
         torch.cuda.synchronize()
 
 
+def peak_memory():
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "CUDA only"
+
+
 def timed(fn, iters):
     """Mean seconds of fn() over iters runs, after one warm-up run."""
     fn()
@@ -285,7 +289,7 @@ if args.memory:  # -------------------------------------------------------------
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"| {name}, P={P} T={T}, simulated | peak of the update | held before it (weights, adapters, AdamW "
-          f"state) | per row of B |\n|---|---|---|---|")
+          f"state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []
     for checkpointing in (False, True):
         label = "gradient checkpointing" if checkpointing else "no checkpointing"
@@ -395,9 +399,9 @@ for variant, options in variants.items():
         tok_s[variant] = tokens / seconds  # at the last B, for the rows below
         # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV ignored)
         roofline = B * bandwidth / weight_bytes
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        peak = peak_memory()
         rows.append(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
-                    f"{roofline:,.0f} tok/s roofline | {peak:.1f} GiB |")
+                    f"{roofline:,.0f} tok/s roofline | {peak} |")
 
 for variant in ("static cache", "dynamic cache"):  # one more rollout at the last B, counted (a graph's replays are
     # invisible to a dispatch mode): the prefill and one forward per further token
@@ -423,7 +427,7 @@ if cuda:
     torch.cuda.reset_peak_memory_stats()
 bytes_per_transition = []
 seconds = timed(lambda: bytes_per_transition.append(update(lm, optimizers, B)), args.iters)
-peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+peak = peak_memory()
 
 # FLOPs of one update, counted matmul by matmul (2 FLOPs per multiply-add). N = weights of every projection of every
 # block, N_lora = LoRA weights of one adapter (r * (in + out) per projection), N_0 = layer 0's q, k, v projections
@@ -462,7 +466,7 @@ with FlopCounterMode(display=False) as counter:  # torch's own count of the same
 # a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
 counted = counter.get_total_flops()
 rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
-            f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak:.1f} GiB |")
+            f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
 rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
             f"| {counted:.4g} counted by torch.utils.flop_counter | |")
 if cuda:  # the same update on fake tensors (bench.py --memory), next to the peak measured above
@@ -470,7 +474,7 @@ if cuda:  # the same update on fake tensors (bench.py --memory), next to the pea
         simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
     except RuntimeError as e:
         simulated = f"failed: {e}"
-    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak:.2f} GiB | |")
+    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
 rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
             f"the taken token, prompt ids | |")
 
