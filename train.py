@@ -23,6 +23,7 @@ episode's step limit) so that GAE has episodes to run over; ETPO needs one.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -115,7 +116,8 @@ if args.resume:
     except Exception as e:  # any unreadable file (missing, truncated, not a checkpoint) gets the same answer
         fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
              "train.py wrote, or start without --resume")
-    keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache"}
+    keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
+            "checkpointing"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
     for key, value in saved.items():
         if key not in keep:
@@ -195,6 +197,23 @@ def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, save, exit;
 
 
 signal.signal(signal.SIGINT, on_sigint)
+
+
+@contextlib.contextmanager
+def gpu_memory_advice(stage):
+    """A CUDA out-of-memory error ends the run with one sentence of advice instead of a traceback; the checkpoint on
+    disk (written only between iterations) is left as it was."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if args.checkpointing:
+            advice = "start a new run with a smaller --n-envs or --max-new-tokens"
+        elif os.path.exists(ckpt_path):
+            advice = f"continue from the last checkpoint with --resume --out {out} --checkpointing"
+        else:
+            advice = "start again with --checkpointing"
+        fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory of the update', "
+             "gives the peak by batch size)")
 tty = sys.stdout.isatty()
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
 
@@ -341,7 +360,8 @@ for it in range(start_it, iterations):
     for _ in range(args.rollout_steps):
         prompts = list(coding_env.prompts)
         t1 = time.time()
-        with tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty) as bar:
+        with gpu_memory_advice("the rollout"), tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False,
+                                                    disable=not tty) as bar:
             tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
                                                  temperature=args.temperature, top_k=args.top_k,
                                                  stop_strings=env.STOP_STRINGS, generator=generator, progress=bar)
@@ -362,8 +382,9 @@ for it in range(start_it, iterations):
     before = [p.detach().clone() for p in lm.adapter_params("policy")]
 
     # 3-6. the algorithm's update
-    finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
-                           [p for s in steps for p in s[5]])
+    with gpu_memory_advice("the update"):
+        finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
+                               [p for s in steps for p in s[5]])
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before))
     changed /= sum(b.numel() for b in before)  # fp32 adapters: even lr 1e-6 updates show up here
     del before

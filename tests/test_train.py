@@ -72,12 +72,35 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = [*TINY, "--n-envs", "8", "--seed", "3"]
     assert train(*common, "--steps", "32", "--out", whole).returncode == 0
     assert train(*common, "--steps", "16", "--out", half).returncode == 0
-    r = train(*common, "--steps", "32", "--out", half, "--resume")
+    # the second half with gradient checkpointing, as the advice after running out of GPU memory says: it changes
+    # how the backward pass is computed, not what it computes
+    r = train(*common, "--steps", "32", "--out", half, "--resume", "--checkpointing")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     timing = {"time_s", "perf/tokens_per_s", "perf/iter_s"}
     a = [{k: v for k, v in m.items() if k not in timing} for m in metrics(whole)]
     b = [{k: v for k, v in m.items() if k not in timing} for m in metrics(half)]
     assert len(a) == 4 and a == b
+    assert torch.load(os.path.join(half, "ckpt.pt"), weights_only=False)["config"]["checkpointing"] is True
+
+
+def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
+    # CUDA's out-of-memory error, raised by the model's forward on the CPU (a sitecustomize module patches it in)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import torch\nimport model\n\n\ndef out_of_memory(*args, **kwargs):\n"
+        "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n\n"
+        "model.AdapterLM.action_logits = out_of_memory\n")
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])}
+    for extra, advice in [([], "start again with --checkpointing"),
+                          (["--checkpointing"], "start a new run with a smaller --n-envs")]:
+        r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
+                            str(tmp_path / "run"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=environ)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the GPU ran out of memory in the update at B = 4: " + advice), last
+        assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # nothing half-updated was saved
 
 
 def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
