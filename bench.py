@@ -13,6 +13,7 @@ smoke-test it.
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
     python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
     python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
+    python bench.py --profile                          # the same, then the top operators of a rollout and an update
     python bench.py --memory                           # the update's peak memory and largest B, simulated (no GPU)
 """
 
@@ -42,6 +43,8 @@ parser.add_argument("--action-len", type=int, default=256, help="action tokens T
 parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout measurement")
 parser.add_argument("--iters", type=int, default=3, help="timed repetitions (after one warm-up)")
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
+parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a rollout "
+                    "and of an update")
 parser.add_argument("--memory", action="store_true", help="simulate the update's memory on fake tensors (any machine)")
 parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for --memory's largest B (80 GB H100: 78)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
@@ -492,3 +495,17 @@ if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from
 
 print("| what | figure | against | peak memory |\n|---|---|---|---|")
 print("\n".join(rows))
+
+if args.profile:  # where the time goes: the operators that take most of it, on the device and in Python's thread
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt_ids, prompt_mask = batches[max(batches)]
+    jobs = {f"rollout B={max(batches)}, static cache": lambda: lm.sample_ids(prompt_ids, prompt_mask, "policy",
+                                                                            args.action_len),
+            f"update B={B}": lambda: update(lm, optimizers, B)}
+    for job, fn in jobs.items():
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            fn()
+            sync()
+        print(f"\n{job}:\n" + prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))

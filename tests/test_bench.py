@@ -24,7 +24,8 @@ def bench(*args):
 
 
 def test_model_benchmark_on_cpu():
-    out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1")
+    out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1",
+                "--profile")
     assert re.search(r"\| rollout B=2, static cache \| [\d,]+ tok/s", out)
     assert re.search(r"\| rollout B=2, dynamic cache \| [\d,]+ tok/s", out)
     moved = {}
@@ -41,6 +42,10 @@ def test_model_benchmark_on_cpu():
     assert matmuls == counted
     # per transition: prompt ids and mask (2 x 32 x 8 bytes), tokens (16 x 8), mask, y, ref logit (3 x 16 x 4)
     assert "| stored per transition | 0.8 KiB |" in out
+    # --profile: torch.profiler's operator tables of a rollout and of an update, the matmuls among them
+    for job in ("rollout B=2, static cache:", "update B=2:"):
+        table = out.split(f"\n{job}\n")[1]
+        assert "Self CPU time total" in table and "aten::mm" in table.split("Self CPU time total")[0]
 
 
 def test_memory_simulation_matches_real_tensors():
