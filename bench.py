@@ -141,6 +141,32 @@ def update(lm, optimizers, B):
     return sum(t.numel() * t.element_size() for t in stored) / B
 
 
+class Operators(TorchDispatchMode):
+    """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
+    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
+    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view or func.namespace == "prim":
+            return out  # prim: fake tensors' bookkeeping (prim.device), no kernel
+        tensors = lambda tree: {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # noqa: E731
+        inputs, outputs = tensors((args, kwargs)), tensors(out)
+        written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
+        read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
+        self.kernels += 1
+        self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
+        return out
+
+
+def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
+    return math.prod(n for n, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
+
+
 class Allocations(TorchDispatchMode):
     """Bytes of tensor storage alive now and at the peak, counted as torch.cuda.max_memory_allocated counts them
     (less its rounding up to 512-byte blocks): every storage an operator returns, from its creation until it is
@@ -309,6 +335,13 @@ if args.memory:  # -------------------------------------------------------------
             n += 1
         largest.append(f"B = {n} ({label}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
     print(f"| largest B within {args.gpu_gib:g} GiB | " + " | ".join(largest) + " | |")
+    with FakeTensorMode():  # and the kernels one update launches and the bytes they move (as in the decode rows)
+        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=name)
+        optimizers = adamw(lm)
+        update(lm, optimizers, B)  # creates the AdamW state
+        with Operators() as ops:
+            update(lm, optimizers, B)
+    print(f"| operators of one update B={B} | {ops.kernels:,} kernels | {ops.bytes / 1e9:,.4g} GB moved | |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
         print(f"| update B={B} on real tensors here | {simulate(config, B, fake=False)[1]:,} bytes | simulated: "
               f"{simulate(config, B)[1]:,} bytes | |")
@@ -345,32 +378,6 @@ print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_byt
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. rollout: tokens/s with the KV cache, against the decode roofline
-
-
-class Operators(TorchDispatchMode):
-    """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
-    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
-    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels, self.bytes = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view:
-            return out
-        tensors = lambda tree: {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # noqa: E731
-        inputs, outputs = tensors((args, kwargs)), tensors(out)
-        written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
-        read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
-        self.kernels += 1
-        self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
-        return out
-
-
-def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
-    return math.prod(n for n, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
 
 
 rows = []

@@ -61,7 +61,8 @@ class LoRALinear(nn.Module):
         if self.active is None:
             return y
         A, B = self.weights(x.dtype)
-        return y + F.linear(F.linear(x, A), B)  # + (alpha / r) * B A x
+        # + (alpha / r) * B A x, added by the matmul itself (addmm: C + M1 M2), not by a separate pass over y
+        return torch.addmm(y.flatten(0, -2), F.linear(x, A).flatten(0, -2), B.t()).view(y.shape)
 
     def weights(self, dtype):
         """A and (alpha / r) * B of the active adapter, cast from the fp32 master weights to the base's dtype (the

@@ -69,6 +69,8 @@ def test_memory_simulation_matches_real_tensors():
         n, needs = re.search(rf"B = (\d+) \({label}; B = \d+ needs (\S+) GiB\)", out).groups()
         assert int(n) > 2 and float(needs) > 0.05
     assert peaks["gradient checkpointing"] < peaks["no checkpointing"]
+    kernels, moved = re.search(r"\| operators of one update B=2 \| ([\d,]+) kernels \| (\S+) GB moved", out).groups()
+    assert int(kernels.replace(",", "")) > 1000 and float(moved) > 0
 
 
 def test_environment_and_sampling_benchmarks():
