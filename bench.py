@@ -144,7 +144,8 @@ def update(lm, optimizers, B):
 class Operators(TorchDispatchMode):
     """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
     each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
-    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth."""
+    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth; in an update the
+    matmuls are bound by their FLOPs and the other operators by their bytes."""
 
     def __init__(self):
         super().__init__()
@@ -213,7 +214,6 @@ def simulate(config, B, checkpointing=False, fake=True):
         raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
                            "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
                            "later run it)") from None
-
 
 
 if args.env:  # ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
 a short fixed-seed run raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
-infilling tokenizer trains through the same loop; user errors end with one sentence and a non-zero exit.
+infilling tokenizer trains through the same loop; user errors, and running out of GPU memory, end with one sentence
+and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
@@ -100,7 +101,7 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: the GPU ran out of memory in the update at B = 4: " + advice), last
-        assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # nothing half-updated was saved
+        assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
 
 
 def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
