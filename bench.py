@@ -343,8 +343,10 @@ if args.memory:  # -------------------------------------------------------------
             update(lm, optimizers, B)
     print(f"| operators of one update B={B} | {ops.kernels:,} kernels | {ops.bytes / 1e9:,.4g} GB moved | |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
-        print(f"| update B={B} on real tensors here | {simulate(config, B, fake=False)[1]:,} bytes | simulated: "
-              f"{simulate(config, B)[1]:,} bytes | |")
+        for checkpointing in (False, True):
+            label = "gradient checkpointing" if checkpointing else "no checkpointing"
+            print(f"| update B={B}, {label}, on real tensors here | {simulate(config, B, checkpointing, False)[1]:,} "
+                  f"bytes | simulated: {simulate(config, B, checkpointing)[1]:,} bytes | |")
     raise SystemExit
 
 # ----------------------------------------------------------------------------------------------------------------
