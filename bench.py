@@ -216,6 +216,21 @@ def simulate(config, B, checkpointing=False, fake=True):
                            "later run it)") from None
 
 
+def simulate_rollout(config, B, fake=True):
+    """Bytes at the peak of a rollout of B prompts of P tokens (static cache of P + T slots). Fake tensors cannot say
+    when rows stop, so a fake rollout ends where it first reads a sampled value, after the prefill and the first
+    token; the prefill is its peak (each later step adds one token's activations), which the real tiny model
+    confirms."""
+    with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
+        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+        prompt_ids, prompt_mask = random_prompts(lm, B, args.prompt_len, padded=True)
+        try:
+            lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len)
+        except DataDependentOutputException:
+            assert fake
+        return memory.peak
+
+
 if args.env:  # ----------------------------------------------------------------------------------------------------
     dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
     programs = [env.SIGNATURE + body for body in model.tiny_corpus()[:16]]  # varied, some broken, like a policy's
@@ -335,6 +350,9 @@ if args.memory:  # -------------------------------------------------------------
             n += 1
         largest.append(f"B = {n} ({label}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
     print(f"| largest B within {args.gpu_gib:g} GiB | " + " | ".join(largest) + " | |")
+    rollouts = {n: simulate_rollout(config, n) for n in [int(s) for s in args.rollout_batches.split(",")]}
+    print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
+          + " | | |")
     with FakeTensorMode():  # and the kernels one update launches and the bytes they move (as in the decode rows)
         lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=name)
         optimizers = adamw(lm)
@@ -347,6 +365,8 @@ if args.memory:  # -------------------------------------------------------------
             label = "gradient checkpointing" if checkpointing else "no checkpointing"
             print(f"| update B={B}, {label}, on real tensors here | {simulate(config, B, checkpointing, False)[1]:,} "
                   f"bytes | simulated: {simulate(config, B, checkpointing)[1]:,} bytes | |")
+        print(f"| rollout B={B}, on real tensors here | {simulate_rollout(config, B, False):,} bytes | simulated: "
+              f"{simulate_rollout(config, B):,} bytes | |")
     raise SystemExit
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def gpu_memory_advice(stage):
             advice = f"continue from the last checkpoint with --resume --out {out} --checkpointing"
         else:
             advice = "start again with --checkpointing"
-        fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory of the update', "
+        fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory, simulated', "
              "gives the peak by batch size)")
 tty = sys.stdout.isatty()
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward

@@ -54,7 +54,7 @@ def test_memory_simulation_matches_real_tensors():
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("transformers 4.x reads the attention mask's values, which fake tensors do not have")
     out = bench("--memory", "--model", "tiny", "--batch", "2", "--prompt-len", "32", "--action-len", "16",
-                "--gpu-gib", "0.05")
+                "--gpu-gib", "0.05", "--rollout-batches", "2")
     peaks = {}
     for label in ("no checkpointing", "gradient checkpointing"):
         # the update on fake tensors holds exactly the bytes the same update holds on real tensors
@@ -70,6 +70,11 @@ def test_memory_simulation_matches_real_tensors():
         n, needs = re.search(rf"B = (\d+) \({label}; B = \d+ needs (\S+) GiB\)", out).groups()
         assert int(n) > 2 and float(needs) > 0.05
     assert peaks["gradient checkpointing"] < peaks["no checkpointing"]
+    # the rollout: the fake one stops at its first sampled token, and its peak (the prefill's) is the real one's
+    real, simulated = re.search(r"\| rollout B=2, on real tensors here \| ([\d,]+) bytes \| simulated: ([\d,]+) ",
+                                out).groups()
+    assert real == simulated and int(real.replace(",", "")) > 0
+    assert re.search(r"\| rollout, static cache \| B = 2: \S+ GiB \|", out)
     kernels, moved = re.search(r"\| operators of one update B=2 \| ([\d,]+) kernels \| (\S+) GB moved", out).groups()
     assert int(kernels.replace(",", "")) > 1000 and float(moved) > 0
 
