@@ -14,7 +14,7 @@ smoke-test it.
     python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
     python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
     python bench.py --profile                          # the same, then the top operators of a rollout and an update
-    python bench.py --memory                           # the update's peak memory and largest B, simulated (no GPU)
+    python bench.py --memory                           # memory of an update and a rollout, simulated (no GPU)
 """
 
 import argparse
@@ -45,7 +45,8 @@ parser.add_argument("--iters", type=int, default=3, help="timed repetitions (aft
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
 parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a rollout "
                     "and of an update")
-parser.add_argument("--memory", action="store_true", help="simulate the update's memory on fake tensors (any machine)")
+parser.add_argument("--memory", action="store_true", help="simulate the memory of an update and a rollout "
+                    "on fake tensors (any machine)")
 parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for --memory's largest B (80 GB H100: 78)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
