@@ -502,12 +502,14 @@ rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / se
             f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
 rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
             f"| {counted:.4g} counted by torch.utils.flop_counter | |")
-if cuda:  # the same update on fake tensors (bench.py --memory), next to the peak measured above
+if cuda:  # the same update and rollouts on fake tensors (bench.py --memory), next to the peaks measured above
     try:
         simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
+        rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n) / 2**30:.2f} GiB" for n in batches)
     except RuntimeError as e:
-        simulated = f"failed: {e}"
+        simulated = rollouts = f"failed: {e}"
     rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
+    rows.append(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
 rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
             f"the taken token, prompt ids | |")
 
