@@ -221,7 +221,8 @@ def simulate_rollout(config, B, fake=True):
     """Bytes at the peak of a rollout of B prompts of P tokens (static cache of P + T slots). Fake tensors cannot say
     when rows stop, so a fake rollout ends where it first reads a sampled value, after the prefill and the first
     token; the prefill is its peak (each later step adds one token's activations), which the real tiny model
-    confirms."""
+    confirms. Call it once simulate() has run: where the forward itself reads values (transformers 4.x), simulate()
+    says so, while this would stop inside the prefill."""
     with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
         lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
         prompt_ids, prompt_mask = random_prompts(lm, B, args.prompt_len, padded=True)
