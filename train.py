@@ -354,6 +354,8 @@ update = etpo_update if args.algo == "etpo" else ppo_kl_update
 loss_key = "loss/q" if args.algo == "etpo" else "loss/v"
 for it in range(start_it, iterations):
     t0 = time.time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # perf/gpu_peak_gib: this iteration's peak, rollout or update
     # 1-2. roll out pi_theta (the policy adapter) in N parallel episodes for K environment steps; execute the code:
     # reward r_t (ROC AUC or -1), done_t and the next state s_{t+1} (K = 1 for ETPO)
     steps, t_rollout = [], 0.0
@@ -409,6 +411,7 @@ for it in range(start_it, iterations):
                "env/first_try_reward": float(rewards[first].mean()) if first.any() else None,
                "env/episodes": coding_env.episodes, **stats, "policy/changed_frac": changed,
                "perf/tokens_per_s": float(lengths.sum()) / t_rollout, "perf/iter_s": time.time() - t0,
+               "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
     log.write(json.dumps(metrics) + "\n")
     log.flush()
@@ -417,7 +420,8 @@ for it in range(start_it, iterations):
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
           f"{loss_key[5:].upper()} {metrics[loss_key]:.4f} | pi {metrics['loss/pi']:+.3f} | "
           f"kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
-          f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
+          f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s"
+          + (f" | {metrics['perf/gpu_peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
     if coding_env.best_reward > best_seen:
         best_seen = coding_env.best_reward
         with open(os.path.join(out, "best_code.py"), "w") as f:
