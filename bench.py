@@ -195,13 +195,18 @@ class Allocations(TorchDispatchMode):
         self.live -= nbytes
 
 
+def random_lm(config):
+    """An AdapterLM of this architecture with random bf16 weights, on the CPU (shapes only under FakeTensorMode)."""
+    return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+
+
 def simulate(config, B, checkpointing=False, fake=True):
     """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
     random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
     the same on real tensors, to check the simulation."""
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-            lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+            lm = random_lm(config)
             if checkpointing:
                 model.checkpoint_activations(lm.hf)
             optimizers = adamw(lm)
@@ -224,7 +229,7 @@ def simulate_rollout(config, B, fake=True):
     confirms. Call it once simulate() has run: where the forward itself reads values (transformers 4.x), simulate()
     says so, while this would stop inside the prefill."""
     with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+        lm = random_lm(config)
         prompt_ids, prompt_mask = random_prompts(lm, B, args.prompt_len, padded=True)
         try:
             lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len)
@@ -356,7 +361,7 @@ if args.memory:  # -------------------------------------------------------------
     print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
           + " | | |")
     with FakeTensorMode():  # and the kernels one update launches and the bytes they move (as in the decode rows)
-        lm = model.AdapterLM(model.build_random(config, "cpu"), None, name=name)
+        lm = random_lm(config)
         optimizers = adamw(lm)
         update(lm, optimizers, B)  # creates the AdamW state
         with Operators() as ops:
