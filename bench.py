@@ -355,7 +355,8 @@ if args.memory:  # -------------------------------------------------------------
             n -= 1
         while peak_at(n + 1) <= budget:
             n += 1
-        largest.append(f"B = {n} ({label}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
+        fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
+        largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
     print(f"| largest B within {args.gpu_gib:g} GiB | " + " | ".join(largest) + " | |")
     rollouts = {n: simulate_rollout(config, n) for n in [int(s) for s in args.rollout_batches.split(",")]}
     print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())

@@ -214,6 +214,8 @@ def gpu_memory_advice(stage):
             advice = "start again with --checkpointing"
         fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory, simulated', "
              "gives the peak by batch size)")
+
+
 tty = sys.stdout.isatty()
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
 
@@ -421,7 +423,8 @@ for it in range(start_it, iterations):
           f"{loss_key[5:].upper()} {metrics[loss_key]:.4f} | pi {metrics['loss/pi']:+.3f} | "
           f"kl {metrics['policy/kl_ref']:.4f} | H {metrics['policy/entropy']:.3f} | "
           f"{metrics['perf/tokens_per_s']:.0f} tok/s | {elapsed:.0f}s | ETA {eta:.0f}s"
-          + (f" | {metrics['perf/gpu_peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
+          + (f" | {metrics['perf/gpu_peak_gib']:.1f} GiB" if metrics["perf/gpu_peak_gib"] is not None else ""),
+          flush=True)
     if coding_env.best_reward > best_seen:
         best_seen = coding_env.best_reward
         with open(os.path.join(out, "best_code.py"), "w") as f:
