@@ -193,14 +193,14 @@ class AdapterLM(nn.Module):
         return prompt_ids, prompt_mask
 
     def generate(self, prompts, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                 stop_strings=(), generator=None, progress=None, cache="static"):
+                 stop_strings=(), generator=None, progress=None, cache="static", cuda_graph=False):
         """Sample one action per prompt. Returns tokens (B, T) right-padded with pad_token_id, lengths (B,) counting
         EOS (or <EOT>) or the token that completed a stop string, and the decoded texts. Training uses the token
         ids; the text is only for the environment. Only the sampling settings given here apply (no hidden
         defaults): top_k 0 and top_p 1.0 mean off."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
-                                          stop_strings, generator, progress, cache)
+                                          stop_strings, generator, progress, cache, cuda_graph)
         texts = [self.decode(tokens[b, : lengths[b]]) for b in range(len(prompts))]
         return tokens, lengths, texts
 
@@ -228,8 +228,11 @@ class AdapterLM(nn.Module):
         per step, more than the 13.5 GB of weights (bench.py measures both).
 
         cuda_graph=True (static cache, CUDA, transformers 5) records one decode step as a CUDA graph and replays it
-        for every further token: thousands of kernel launches and their Python become one launch. Not yet run on a
-        GPU as of this writing, so it is off by default; `python bench.py` on a GPU measures it."""
+        for every further token: thousands of kernel launches and their Python become one launch. A replay reruns
+        step 1's kernels on step 1's addresses with step 1's numbers, so everything that moves from step to step
+        (positions, mask, the cache's slot counter) is updated in place; tests/test_model.py replays a recording on
+        the CPU to check it. Not yet run on a GPU as of this writing, so it is off by default; `python bench.py` on
+        a GPU measures it."""
         from transformers import DynamicCache, StaticCache
 
         B, P = prompt_ids.shape
@@ -251,8 +254,8 @@ class AdapterLM(nn.Module):
         # transformers 4.x takes the cache slots to write (it guesses them wrongly when row 0 starts with padding);
         # 5.x counts them in the cache itself
         explicit_slots = "cache_position" in inspect.signature(self.hf.forward).parameters
-        if cuda_graph and (not static or explicit_slots or self.device.type != "cuda"):
-            raise ValueError("cuda_graph needs cache='static', a CUDA device and transformers 5 or later")
+        if cuda_graph and (not static or explicit_slots):  # (and a CUDA device: torch.cuda says so itself)
+            raise ValueError("cuda_graph needs cache='static' and transformers 5 or later")
 
         def forward(ids, positions, start):
             """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""

@@ -61,6 +61,8 @@ parser.add_argument("--checkpointing", action="store_true", help="gradient check
 parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
 parser.add_argument("--top-k", type=int, default=None, help="top-k of rollouts, 0 = off (paper 50)")
+parser.add_argument("--cuda-graph", action="store_true", help="replay the rollout's decode step as a CUDA graph "
+                    "(transformers 5; checked on the CPU, not yet timed on a GPU)")
 # ETPO (and what PPO-KL shares with it)
 parser.add_argument("--algo", default="etpo", choices=["etpo", "ppo_kl"], help="the algorithm")
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
@@ -117,7 +119,7 @@ if args.resume:
         fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
-            "checkpointing"}  # how to run, not what: these may change when a run continues
+            "checkpointing", "cuda_graph"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
     for key, value in saved.items():
         if key not in keep:
@@ -140,6 +142,8 @@ try:
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
+if args.cuda_graph and device.type != "cuda":
+    fail(f"--cuda-graph needs a CUDA GPU and this run is on the {device.type}: drop the flag")
 generator = torch.Generator(device=device).manual_seed(args.seed)  # the rollouts' sampling
 sandbox = env.Sandbox(workers=args.workers)
 coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_steps, sandbox=sandbox,
@@ -214,6 +218,19 @@ def gpu_memory_advice(stage):
             advice = "start again with --checkpointing"
         fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory, simulated', "
              "gives the peak by batch size)")
+
+
+@contextlib.contextmanager
+def cuda_graph_advice():
+    """--cuda-graph has been checked on the CPU, not yet on a GPU: if recording or replaying the decode step fails,
+    the run ends with one sentence instead of a traceback (the checkpoint on disk is untouched)."""
+    try:
+        yield
+    except Exception as e:
+        if not args.cuda_graph:
+            raise
+        fail(f"the rollout's CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); continue "
+             f"without --cuda-graph{f' (--resume --out {out})' if os.path.exists(ckpt_path) else ''}")
 
 
 tty = sys.stdout.isatty()
@@ -364,11 +381,12 @@ for it in range(start_it, iterations):
     for _ in range(args.rollout_steps):
         prompts = list(coding_env.prompts)
         t1 = time.time()
-        with gpu_memory_advice("the rollout"), tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False,
-                                                    disable=not tty) as bar:
+        bar = tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty)
+        with cuda_graph_advice(), gpu_memory_advice("the rollout"), bar:
             tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
                                                  temperature=args.temperature, top_k=args.top_k,
-                                                 stop_strings=env.STOP_STRINGS, generator=generator, progress=bar)
+                                                 stop_strings=env.STOP_STRINGS, generator=generator, progress=bar,
+                                                 cuda_graph=args.cuda_graph)
         t_rollout += time.time() - t1
         with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
             rewards, dones, next_prompts, infos = coding_env.step(texts)

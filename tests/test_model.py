@@ -1,11 +1,14 @@
 """
 model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exact no-ops at init and independent
 of each other, gradients reach only the active adapter, adapters round-trip through a file, cached sampling (static
-and dynamic KV cache) equals uncached greedy decoding, the action-position logits are the same slice of the full
+and dynamic KV cache) equals uncached greedy decoding, a decode step recorded once and replayed (a CUDA graph's
+semantics, emulated on the CPU) samples the same tokens, the action-position logits are the same slice of the full
 logits, and CodeLlama's infilling format is built, decoded and stopped as the environment needs.
 
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -208,8 +211,90 @@ def test_a_static_cache_decode_step_never_waits_on_the_device(lm, monkeypatch):
         decode_steps = calls[1:]  # calls[0] is the prefill
         assert len(decode_steps) == 5
         assert sum(decode_steps) == 0 if cache == "static" else sum(decode_steps) > 0  # dynamic checks its mask
-    with pytest.raises(ValueError, match="cuda_graph needs cache='static', a CUDA device"):
-        lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph needs cache='static'"):
+        lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=2, cache="dynamic", cuda_graph=True)
+
+
+class ReplayedGraph:
+    """torch.cuda.CUDAGraph's semantics on the CPU. Capture records every operator with its arguments as they are
+    then: tensors by address, numbers by value. Replay runs that list again and writes each result into the tensor
+    captured in its place, so every later operator, and the caller, reads the same addresses. A value read back
+    during capture fails, as it does on a GPU. A CUDA capture records without running and the first replay runs
+    the step; here the capture runs it, so the first replay does nothing."""
+
+    def __init__(self):
+        self.ops, self.replays = [], 0
+
+    def replay(self):
+        from torch.utils._pytree import tree_leaves
+
+        self.replays += 1
+        if self.replays == 1:
+            return
+        for func, args, kwargs, out in self.ops:
+            if func.is_view:  # a view of a captured tensor sees what is written into that tensor
+                continue
+            new = func(*args, **kwargs)
+            for old, fresh in zip(tree_leaves(out), tree_leaves(new), strict=True):
+                if isinstance(old, torch.Tensor) and fresh.data_ptr() != old.data_ptr():
+                    old.copy_(fresh)
+
+
+@contextlib.contextmanager
+def capture(graph):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                raise RuntimeError("a CUDA graph cannot read a value back during capture")
+            out = func(*args, **(kwargs or {}))
+            graph.ops.append((func, args, kwargs or {}, out))
+            return out
+
+    with Record():
+        yield
+
+
+def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, monkeypatch):
+    # cuda_graph=True on the CPU, with the graph emulated: if a decode step depended on a number that changes from
+    # step to step (a Python-side cache slot, a length), or wrote its state anywhere but in place, replaying step
+    # 1's recording would sample other tokens than the eager loop does
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("cuda_graph needs transformers 5")
+    graphs = []
+
+    def new_graph():
+        graphs.append(ReplayedGraph())
+        return graphs[-1]
+
+    class Stream:  # one CPU stream: waiting on it is a no-op
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    prompts = PROMPTS + [PROMPTS[0][:20]]  # rows 1 and 2 are left-padded, by different amounts
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)
+    saved = lm.adapter_state()
+    for p in lm.adapter_params("policy"):  # a trained-looking adapter, so that its LoRA terms are in the recording
+        torch.nn.init.normal_(p.data, std=0.02)
+    try:
+        for temperature, stops in ((0.0, ()), (1.0, ("\n\n",))):
+            runs = {}
+            for cuda_graph in (False, True):
+                runs[cuda_graph] = lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=24, temperature=temperature,
+                                                 stop_strings=stops, generator=torch.Generator().manual_seed(0),
+                                                 cuda_graph=cuda_graph)
+            assert graphs[-1].replays > 2 and len(graphs[-1].ops) > 100  # recorded once, replayed for many tokens
+            assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    finally:
+        lm.load_adapter_state(saved)
 
 
 def test_sampling_filters_restrict_the_support():

@@ -152,6 +152,7 @@ def test_a_local_model_folder_with_codellamas_infilling_tokenizer(tmp_path, code
     (["--dataset", "iris", "--model", "no-such-org/no-such-model", "--device", "cpu"], "could not load the model"),
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
+    (["--dataset", "iris", "--model", "tiny", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
 ])
 def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
