@@ -377,7 +377,7 @@ for it in range(start_it, iterations):
         torch.cuda.reset_peak_memory_stats()  # perf/gpu_peak_gib: this iteration's peak, rollout or update
     # 1-2. roll out pi_theta (the policy adapter) in N parallel episodes for K environment steps; execute the code:
     # reward r_t (ROC AUC or -1), done_t and the next state s_{t+1} (K = 1 for ETPO)
-    steps, t_rollout = [], 0.0
+    steps, t_rollout, t_env = [], 0.0, 0.0
     for _ in range(args.rollout_steps):
         prompts = list(coding_env.prompts)
         t1 = time.time()
@@ -388,8 +388,10 @@ for it in range(start_it, iterations):
                                                  stop_strings=env.STOP_STRINGS, generator=generator, progress=bar,
                                                  cuda_graph=args.cuda_graph)
         t_rollout += time.time() - t1
+        t1 = time.time()
         with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
             rewards, dones, next_prompts, infos = coding_env.step(texts)
+        t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
     # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k
     T = max(s[1].shape[1] for s in steps)
@@ -404,9 +406,11 @@ for it in range(start_it, iterations):
     before = [p.detach().clone() for p in lm.adapter_params("policy")]
 
     # 3-6. the algorithm's update
+    t1 = time.time()
     with gpu_memory_advice("the update"):
         finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
+    t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before))
     changed /= sum(b.numel() for b in before)  # fp32 adapters: even lr 1e-6 updates show up here
     del before
@@ -431,6 +435,7 @@ for it in range(start_it, iterations):
                "env/first_try_reward": float(rewards[first].mean()) if first.any() else None,
                "env/episodes": coding_env.episodes, **stats, "policy/changed_frac": changed,
                "perf/tokens_per_s": float(lengths.sum()) / t_rollout, "perf/iter_s": time.time() - t0,
+               "perf/rollout_s": t_rollout, "perf/env_s": t_env, "perf/update_s": t_update,
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
     log.write(json.dumps(metrics) + "\n")
