@@ -256,6 +256,9 @@ def taken_logp(logits, tokens):
 
 
 def etpo_update(action, lengths, rewards, dones, next_prompts):
+    # bench.py's update() repeats these forwards and optimizer steps on random tokens, without the statistics and
+    # the choice of live rows (they read values back, which the fake tensors of its memory simulation do not
+    # have): a change here belongs there too
     prompt_ids, prompt_mask, tokens, mask = action
     # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
     # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
