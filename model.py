@@ -201,7 +201,8 @@ class AdapterLM(nn.Module):
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
                                           stop_strings, generator, progress, cache, cuda_graph)
-        texts = [self.decode(tokens[b, : lengths[b]]) for b in range(len(prompts))]
+        rows = tokens.tolist()  # one read-back, not one per token
+        texts = [self.decode(row[:n]) for row, n in zip(rows, lengths.tolist())]
         return tokens, lengths, texts
 
     def decode(self, ids):
@@ -282,11 +283,11 @@ class AdapterLM(nn.Module):
                 if progress is not None:
                     progress.update(1)
                 done |= torch.isin(w, stop_ids.to(w.device))
-                if stop_strings:  # a stop string ends the action; it can only have been completed by the tail
-                    for b in torch.nonzero(~done).flatten().tolist():
-                        tail = tokens[b, max(0, t + 1 - window) : t + 1]
-                        text = self.decode(tail)
-                        done[b] = any(s in text for s in stop_strings)
+                if stop_strings:  # a stop string ends the action; it can only have been completed by the tail.
+                    # One read-back of every row's tail per step (reading ids one by one waits on a GPU each time)
+                    tails, ended = tokens[:, max(0, t + 1 - window) : t + 1].tolist(), done.tolist()
+                    texts = [None if ended[b] else self.decode(tails[b]) for b in range(B)]
+                    done[[b for b, text in enumerate(texts) if text and any(s in text for s in stop_strings)]] = True
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
                 mask[:, P + t] = 1  # token t goes into the cache's slot P + t

@@ -256,6 +256,38 @@ def capture(graph):
         yield
 
 
+def test_a_rollout_reads_values_back_once_per_step_not_once_per_row_and_token(lm, monkeypatch):
+    # on a GPU each read-back (.item(), int(t), bool(t)) waits until the device has finished its queue: the loop
+    # checks the stop strings on one copy of every row's tail per step and decodes the texts from one copy of all
+    # tokens, where reading ids one by one cost ~275 read-backs per step at B = 32 (read-backs inside the model's
+    # forward are the test above's business)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = {"in_forward": False, "forwards": 0, "read_backs": 0}
+
+    class ReadBacks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and not state["in_forward"]:
+                state["read_backs"] += 1
+            return func(*args, **(kwargs or {}))
+
+    forward = lm.hf.forward
+
+    def marked(*args, **kwargs):
+        state["in_forward"], state["forwards"] = True, state["forwards"] + 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            state["in_forward"] = False
+
+    monkeypatch.setattr(lm.hf, "forward", marked)
+    with ReadBacks():
+        tokens, lengths, texts = lm.generate([PROMPTS[0]] * 16, max_new_tokens=40, stop_strings=["model"],
+                                             generator=torch.Generator().manual_seed(0))
+    assert sum("model" in text for text in texts) >= 8 and len(set(lengths.tolist())) > 1  # rows stopped apart
+    assert 0 < state["read_backs"] <= state["forwards"] + 1  # bool(done.all()) once a step, and the longest row
+
+
 def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, monkeypatch):
     # cuda_graph=True on the CPU, with the graph emulated: if a decode step depended on a number that changes from
     # step to step (a Python-side cache slot, a length), or wrote its state anywhere but in place, replaying step
