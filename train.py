@@ -414,7 +414,7 @@ for it in range(start_it, iterations):
         finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
-    changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.adapter_params("policy"), before))
+    changed = sum((p.detach() != b).sum() for p, b in zip(lm.adapter_params("policy"), before)).item()  # 1 read-back
     changed /= sum(b.numel() for b in before)  # fp32 adapters: even lr 1e-6 updates show up here
     del before
 
