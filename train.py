@@ -204,33 +204,27 @@ signal.signal(signal.SIGINT, on_sigint)
 
 
 @contextlib.contextmanager
-def gpu_memory_advice(stage):
-    """A CUDA out-of-memory error ends the run with one sentence of advice instead of a traceback; the checkpoint on
-    disk (written only between iterations) is left as it was."""
+def gpu_advice(stage):
+    """A CUDA out-of-memory error, or with --cuda-graph any error in the rollout (its graph has been checked on the
+    CPU, not yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk
+    (written only between iterations) is left as it was."""
+    resume = f"--resume --out {out}" if os.path.exists(ckpt_path) else ""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
         if args.checkpointing:
             advice = "start a new run with a smaller --n-envs or --max-new-tokens"
-        elif os.path.exists(ckpt_path):
-            advice = f"continue from the last checkpoint with --resume --out {out} --checkpointing"
+        elif resume:
+            advice = f"continue from the last checkpoint with {resume} --checkpointing"
         else:
             advice = "start again with --checkpointing"
         fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory, simulated', "
              "gives the peak by batch size)")
-
-
-@contextlib.contextmanager
-def cuda_graph_advice():
-    """--cuda-graph has been checked on the CPU, not yet on a GPU: if recording or replaying the decode step fails,
-    the run ends with one sentence instead of a traceback (the checkpoint on disk is untouched)."""
-    try:
-        yield
     except Exception as e:
-        if not args.cuda_graph:
+        if not (args.cuda_graph and stage == "the rollout"):
             raise
         fail(f"the rollout's CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); continue "
-             f"without --cuda-graph{f' (--resume --out {out})' if os.path.exists(ckpt_path) else ''}")
+             f"without --cuda-graph{f' ({resume})' if resume else ''}")
 
 
 tty = sys.stdout.isatty()
@@ -385,7 +379,7 @@ for it in range(start_it, iterations):
         prompts = list(coding_env.prompts)
         t1 = time.time()
         bar = tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty)
-        with cuda_graph_advice(), gpu_memory_advice("the rollout"), bar:
+        with gpu_advice("the rollout"), bar:
             tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
                                                  temperature=args.temperature, top_k=args.top_k,
                                                  stop_strings=env.STOP_STRINGS, generator=generator, progress=bar,
@@ -410,7 +404,7 @@ for it in range(start_it, iterations):
 
     # 3-6. the algorithm's update
     t1 = time.time()
-    with gpu_memory_advice("the update"):
+    with gpu_advice("the update"):
         finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work

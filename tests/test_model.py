@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
 
@@ -183,32 +184,47 @@ def test_the_float32_head_keeps_q_accurate_when_the_base_runs_in_bf16():
     assert head_error < 0.6 * rounded_error, (head_error, rounded_error)  # equal if the head rounded to bf16
 
 
+class ReadBacks(TorchDispatchMode):
+    """Counts the values read back to Python (.item(), int(t), bool(t): aten._local_scalar_dense), those inside each
+    call of the model's forward apart from the others. On a GPU each one waits until the device has finished
+    everything queued before it, and a CUDA graph cannot hold one."""
+
+    def __init__(self, lm, monkeypatch):
+        super().__init__()
+        self.in_forward, self.per_forward, self.outside = False, [], 0
+        forward = lm.hf.forward
+
+        def marked(*args, **kwargs):
+            self.in_forward = True
+            self.per_forward.append(0)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.in_forward = False
+
+        monkeypatch.setattr(lm.hf, "forward", marked)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            if self.in_forward:
+                self.per_forward[-1] += 1
+            else:
+                self.outside += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_a_static_cache_decode_step_never_waits_on_the_device(lm, monkeypatch):
-    # what a CUDA graph needs: no value read back (.item(), bool(tensor)) inside a decode step's forward
+    # what a CUDA graph needs: no value read back inside a decode step's forward
     import transformers
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("cuda_graph needs transformers 5")
-
-    class ReadBacks(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls[-1] += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
-    calls, forward = [], lm.hf.forward
-
-    def counted(*args, **kwargs):
-        calls.append(0)
-        with ReadBacks():
-            return forward(*args, **kwargs)
-
-    monkeypatch.setattr(lm.hf, "forward", counted)
     prompt_ids, prompt_mask = lm.encode_prompts(PROMPTS)  # row 1 is left-padded
     for cache in ("static", "dynamic"):
-        calls.clear()
-        lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0, cache=cache)
-        decode_steps = calls[1:]  # calls[0] is the prefill
+        with ReadBacks(lm, monkeypatch) as read_backs:
+            lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0, cache=cache)
+        monkeypatch.undo()
+        decode_steps = read_backs.per_forward[1:]  # per_forward[0] is the prefill
         assert len(decode_steps) == 5
         assert sum(decode_steps) == 0 if cache == "static" else sum(decode_steps) > 0  # dynamic checks its mask
     with pytest.raises(ValueError, match="cuda_graph needs cache='static'"):
@@ -242,8 +258,6 @@ class ReplayedGraph:
 
 @contextlib.contextmanager
 def capture(graph):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
@@ -257,35 +271,14 @@ def capture(graph):
 
 
 def test_a_rollout_reads_values_back_once_per_step_not_once_per_row_and_token(lm, monkeypatch):
-    # on a GPU each read-back (.item(), int(t), bool(t)) waits until the device has finished its queue: the loop
-    # checks the stop strings on one copy of every row's tail per step and decodes the texts from one copy of all
-    # tokens, where reading ids one by one cost ~275 read-backs per step at B = 32 (read-backs inside the model's
-    # forward are the test above's business)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    state = {"in_forward": False, "forwards": 0, "read_backs": 0}
-
-    class ReadBacks(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default and not state["in_forward"]:
-                state["read_backs"] += 1
-            return func(*args, **(kwargs or {}))
-
-    forward = lm.hf.forward
-
-    def marked(*args, **kwargs):
-        state["in_forward"], state["forwards"] = True, state["forwards"] + 1
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            state["in_forward"] = False
-
-    monkeypatch.setattr(lm.hf, "forward", marked)
-    with ReadBacks():
+    # around the model: the loop checks the stop strings on one copy of every row's tail per step and decodes the
+    # texts from one copy of all tokens (reading ids one by one, it read back 1,662 values in this rollout)
+    with ReadBacks(lm, monkeypatch) as read_backs:
         tokens, lengths, texts = lm.generate([PROMPTS[0]] * 16, max_new_tokens=40, stop_strings=["model"],
                                              generator=torch.Generator().manual_seed(0))
     assert sum("model" in text for text in texts) >= 8 and len(set(lengths.tolist())) > 1  # rows stopped apart
-    assert 0 < state["read_backs"] <= state["forwards"] + 1  # bool(done.all()) once a step, and the longest row
+    steps = len(read_backs.per_forward)
+    assert 0 < read_backs.outside <= steps + 1, (read_backs.outside, steps)  # done.all() a step, the longest row
 
 
 def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, monkeypatch):
