@@ -95,16 +95,23 @@ def adamw(lm):
     return {name: torch.optim.AdamW(lm.adapter_params(name), lr=1e-4, weight_decay=0.0) for name in ("q", "policy")}
 
 
-def update(lm, optimizers, B):
+def update(lm, optimizers, B, shared=False):
     """One full ETPO update on random tokens: train.py's steps 3-6 at the paper's settings (one Q step, no
-    conservative penalty), gradient clipping and AdamW included, its logged statistics left out. Returns the bytes
-    each transition keeps between the rollout and the update."""
+    conservative penalty), gradient clipping and AdamW included, its logged statistics left out. shared: every row
+    has the same prompt, as at an episode's first step (action_logits then runs the prompt once per sequence of
+    model.rows_per_sequence rows); else B different prompts. Returns the bytes each transition keeps between the
+    rollout and the update."""
     P, T, device = args.prompt_len, args.action_len, lm.device
-    prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+    if shared:
+        prompt_ids, prompt_mask = random_prompts(lm, 1, P)
+        prompt_ids, prompt_mask, prompts = prompt_ids.expand(B, P), prompt_mask.expand(B, P), ["first step"] * B
+    else:
+        prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+        prompts = list(range(B))
     tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
     mask = torch.ones(B, T, device=device)  # (B, T)
     lengths = torch.full((B,), T, device=device)
-    action = (prompt_ids, prompt_mask, tokens, mask)
+    action = (prompt_ids, prompt_mask, tokens, mask, prompts)
     with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
         with lm.adapter(None):
             ref_logits = lm.action_logits(*action)  # (B, T, V)
@@ -200,19 +207,19 @@ def random_lm(config):
     return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
 
 
-def simulate(config, B, checkpointing=False, fake=True):
+def simulate(config, B, checkpointing=False, fake=True, shared=False):
     """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
     random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
-    the same on real tensors, to check the simulation."""
+    the same on real tensors, to check the simulation; shared: one prompt for all rows (update's)."""
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
             lm = random_lm(config)
             if checkpointing:
                 model.checkpoint_activations(lm.hf)
             optimizers = adamw(lm)
-            update(lm, optimizers, B)
+            update(lm, optimizers, B, shared)
             memory.peak = before = memory.live
-            update(lm, optimizers, B)
+            update(lm, optimizers, B, shared)
             return before, memory.peak
     except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
         import transformers
@@ -342,9 +349,10 @@ if args.memory:  # -------------------------------------------------------------
     print(f"| {name}, P={P} T={T}, simulated | peak of the update | held before it (weights, adapters, AdamW "
           f"state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []
-    for checkpointing in (False, True):
-        label = "gradient checkpointing" if checkpointing else "no checkpointing"
-        run = functools.cache(lambda n: simulate(config, n, checkpointing))  # B -> (bytes before, bytes at peak)
+    for shared, checkpointing in [(False, False), (False, True), (True, False), (True, True)]:
+        label = ("one shared prompt, " if shared else "") + ("gradient checkpointing" if checkpointing else
+                                                             "no checkpointing")
+        run = functools.cache(lambda n: simulate(config, n, checkpointing, shared=shared))  # B -> (before, peak)
         peak_at = lambda n: run(n)[1]  # noqa: E731
         before = run(B)[0]
         per_row = (peak_at(2 * B) - peak_at(B)) / B
@@ -357,22 +365,29 @@ if args.memory:  # -------------------------------------------------------------
             n += 1
         fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
         largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
-    print(f"| largest B within {args.gpu_gib:g} GiB | " + " | ".join(largest) + " | |")
+    print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
+          + " | |")
     rollouts = {n: simulate_rollout(config, n) for n in [int(s) for s in args.rollout_batches.split(",")]}
     print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
           + " | | |")
-    with FakeTensorMode():  # and the kernels one update launches and the bytes they move (as in the decode rows)
-        lm = random_lm(config)
-        optimizers = adamw(lm)
-        update(lm, optimizers, B)  # creates the AdamW state
-        with Operators() as ops:
-            update(lm, optimizers, B)
-    print(f"| operators of one update B={B} | {ops.kernels:,} kernels | {ops.bytes / 1e9:,.4g} GB moved | |")
+    for shared in (False, True):  # and the kernels one update launches, the bytes they move, its matmul FLOPs
+        with FakeTensorMode():
+            lm = random_lm(config)
+            optimizers = adamw(lm)
+            update(lm, optimizers, B, shared)  # creates the AdamW state
+            with Operators() as ops:
+                update(lm, optimizers, B, shared)
+            with FlopCounterMode(display=False) as counter:  # apart: it changes which operators run inside it
+                update(lm, optimizers, B, shared)
+        print(f"| operators of one update B={B}{', one shared prompt' if shared else ''} | {ops.kernels:,} kernels | "
+              f"{ops.bytes / 1e9:,.4g} GB moved | {counter.get_total_flops():.4g} FLOP in matmuls |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
-        for checkpointing in (False, True):
-            label = "gradient checkpointing" if checkpointing else "no checkpointing"
-            print(f"| update B={B}, {label}, on real tensors here | {simulate(config, B, checkpointing, False)[1]:,} "
-                  f"bytes | simulated: {simulate(config, B, checkpointing)[1]:,} bytes | |")
+        for shared, checkpointing in [(False, False), (False, True), (True, False)]:
+            label = ("one shared prompt, " if shared else "") + ("gradient checkpointing" if checkpointing else
+                                                                 "no checkpointing")
+            print(f"| update B={B}, {label}, on real tensors here | "
+                  f"{simulate(config, B, checkpointing, False, shared)[1]:,} bytes | simulated: "
+                  f"{simulate(config, B, checkpointing, shared=shared)[1]:,} bytes | |")
         print(f"| rollout B={B}, on real tensors here | {simulate_rollout(config, B, False):,} bytes | simulated: "
               f"{simulate_rollout(config, B):,} bytes | |")
     raise SystemExit
@@ -509,6 +524,14 @@ rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / se
             f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
 rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
             f"| {counted:.4g} counted by torch.utils.flop_counter | |")
+# the same update when the B rows share one prompt, as at every episode's first step: action_logits runs the prompt
+# once per sequence of model.rows_per_sequence rows (its FLOPs: bench.py --memory)
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+shared_seconds = timed(lambda: update(lm, optimizers, B, shared=True), args.iters)
+rows.append(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
+            f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
+            f"{peak_memory()} |")
 if cuda:  # the same update and rollouts on fake tensors (bench.py --memory), next to the peaks measured above
     try:
         simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
@@ -521,16 +544,18 @@ rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} Ki
             f"the taken token, prompt ids | |")
 
 if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from B
-    fits, trial = 0, B
-    while True:
-        try:
-            update(lm, optimizers, trial)
-            fits, trial = trial, trial * 2
-        except torch.cuda.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-    rows.append(f"| largest update batch (P={P}, T={T}) | B = {fits} fits, {trial} does not | | |")
+    for shared in (False, True):
+        fits, trial = 0, B
+        while True:
+            try:
+                update(lm, optimizers, trial, shared)
+                fits, trial = trial, trial * 2
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        rows.append(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {fits} "
+                    f"fits, {trial} does not | | |")
 
 print("| what | figure | against | peak memory |\n|---|---|---|---|")
 print("\n".join(rows))

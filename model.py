@@ -143,18 +143,53 @@ class AdapterLM(nn.Module):
         params = [p for layer in self.layers for p in (layer.A[name], layer.B[name])]
         return params + (list(self.value_head.parameters()) if name == "value" else [])
 
-    def action_logits(self, prompt_ids, prompt_mask, tokens, action_mask):
+    def action_logits(self, prompt_ids, prompt_mask, tokens, action_mask, prompts=None):
         """Logits at the positions that predict each action token, (B, T, V) in float32, never the prompt's.
 
         prompt_ids (B, P) left-padded, tokens (B, T) right-padded. Position P - 1 + j holds pi(.|x^j), the
         distribution of action token j given the prompt and the j tokens before it.
+
+        prompts (optional): the rows' prompt texts. Rows with the same prompt (every episode's first step has one)
+        run as ONE sequence, the prompt once and then each row's action: [prompt, action 1, ..., action k], where
+        each action attends to the prompt and to its own earlier tokens only, at positions continuing from the
+        prompt's. Same logits, fewer tokens: 8 rows of one 512-token prompt with 256-token actions are 2,560 tokens
+        instead of 6,144. Without prompts every row is its own sequence.
         """
-        ids = torch.cat([prompt_ids, tokens], dim=1)  # (B, P + T)
-        mask = torch.cat([prompt_mask, action_mask], dim=1).long()  # (B, P + T)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T), left padding does not shift positions
+        B, P = prompt_ids.shape
         T = tokens.shape[1]
-        hidden = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        return self.head(hidden.last_hidden_state[:, -(T + 1) : -1])  # (B, T, V): positions P-1 .. P+T-2
+        by_prompt = {}  # prompt -> the rows that have it
+        for row, key in enumerate(prompts if prompts is not None else range(B)):
+            by_prompt.setdefault(key, []).append(row)
+        most = rows_per_sequence(self.hf.config, P, T)
+        by_size = {}  # k -> the groups of k rows; one forward per k, so that no sequence is padded
+        for rows in by_prompt.values():
+            n = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows
+            for group in (rows[i::n] for i in range(n)):
+                by_size.setdefault(len(group), []).append(group)
+        order, hidden = [], []
+        for k, groups in by_size.items():
+            S = P + k * T
+            rows = torch.tensor(groups, device=self.device)  # (n, k)
+            first = rows[:, 0]  # (n,) the row whose prompt the group shares
+            ids = torch.cat([prompt_ids[first], tokens[rows].flatten(1)], dim=1)  # (n, S)
+            real = torch.cat([prompt_mask[first], action_mask[rows].flatten(1)], dim=1).bool()  # (n, S) no padding
+            length = prompt_mask[first].long().sum(1, keepdim=True)  # (n, 1) real prompt tokens
+            positions = torch.cat([(prompt_mask[first].long().cumsum(1) - 1).clamp(min=0),  # left padding: no shift
+                                   length + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
+            part = torch.tensor([0] * P + [m + 1 for m in range(k) for _ in range(T)], device=self.device)  # (S,)
+            i = torch.arange(S, device=self.device)
+            sees = (i[:, None] >= i[None]) & ((part[None] == 0) | (part[:, None] == part[None]))  # (S, S) query, key
+            sees = (sees[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=self.device)  # (n, S, S)
+            dtype = self.hf.get_input_embeddings().weight.dtype
+            mask = torch.zeros(sees.shape, dtype=dtype, device=self.device).masked_fill(~sees, torch.finfo(dtype).min)
+            out = self.hf.get_decoder()(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
+                                        use_cache=False).last_hidden_state  # (n, S, H)
+            take = [[P - 1] + [P + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) predict w^1..w^T
+            hidden.append(out[:, torch.tensor(take, device=self.device)].flatten(0, 1))  # (n k, T, H)
+            order += [row for group in groups for row in group]
+        where = {row: n for n, row in enumerate(order)}
+        hidden = torch.cat(hidden)[torch.tensor([where[row] for row in range(B)], device=self.device)]  # (B, T, H)
+        return self.head(hidden)  # (B, T, V)
 
     def head(self, hidden):
         """The LM head in float32: logits = W h, (..., V). ETPO's Q is a difference of two logits, l_Q - l_bar
@@ -334,6 +369,22 @@ class AdapterLM(nn.Module):
 
     def load_adapters(self, path):
         self.load_adapter_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def rows_per_sequence(config, P, T):
+    """How many rows of one prompt action_logits runs as one sequence.
+
+    Per layer, a token costs 4 d^2 + 4 d d_kv + 6 d d_ff FLOPs in the linear layers (q and o, k and v, the MLP) and a
+    query-key pair 4 d in attention, computed for every pair of a sequence, masked or not. In units of one pair, a
+    sequence of k rows costs rho (P + k T) + (P + k T)^2 with rho = d + d_kv + 1.5 d_ff, and per row that is
+    smallest at k = sqrt(P (rho + P)) / T: 14 for CodeLlama-7B at P = 512, T = 256; 2 for the tiny model at
+    P = T = 128, whose attention is dear next to its small linear layers.
+    """
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    d_kv = d // heads * (getattr(config, "num_key_value_heads", None) or heads)  # grouped-query attention: < d
+    rho = d + d_kv + 1.5 * config.intermediate_size
+    return max(1, int(math.sqrt(P * (rho + P)) / T))
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

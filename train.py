@@ -253,7 +253,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
     # bench.py's update() repeats these forwards and optimizer steps on random tokens, without the statistics and
     # the choice of live rows (they read values back, which the fake tensors of its memory simulation do not
     # have): a change here belongs there too
-    prompt_ids, prompt_mask, tokens, mask = action
+    prompt_ids, prompt_mask, tokens, mask, prompts = action  # prompts: rows with one prompt share its forward
     # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
     # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
     # only chose which prefixes were visited, and the Q regression is valid for any behaviour policy.
@@ -321,7 +321,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
 
 
 def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
-    prompt_ids, prompt_mask, tokens, mask = action
+    prompt_ids, prompt_mask, tokens, mask, prompts = action
     K, N = args.rollout_steps, args.n_envs
     # 3. no gradient: log-probabilities of the sampled tokens, the KL inside the reward, V(s_t), GAE
     with torch.no_grad():
@@ -346,7 +346,7 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
     losses_pi, losses_v, finite = [], [], True
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(K * N).chunk(args.minibatches):
-            mb_action = tuple(t[mb] for t in action)
+            mb_action = (*(t[mb] for t in action[:4]), [prompts[i] for i in mb.tolist()])
             with lm.adapter("policy"):
                 logp = taken_logp(lm.action_logits(*mb_action), tokens[mb])  # (mb, T)
                 loss_pi = ppo_kl.clipped_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], args.clip)
@@ -398,14 +398,15 @@ for it in range(start_it, iterations):
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
     dones_t = torch.tensor(np.concatenate([s[4] for s in steps]), dtype=torch.float32, device=device)  # (B,)
     infos = [info for s in steps for info in s[6]]
-    prompt_ids, prompt_mask = lm.encode_prompts([p for s in steps for p in s[0]])  # (B, P)
+    prompts = [p for s in steps for p in s[0]]  # (B,) every episode's first step has the same prompt
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
     mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()  # (B, T) real tokens
     before = [p.detach().clone() for p in lm.adapter_params("policy")]
 
     # 3-6. the algorithm's update
     t1 = time.time()
     with gpu_advice("the update"):
-        finite, stats = update((prompt_ids, prompt_mask, tokens, mask), lengths, rewards_t, dones_t,
+        finite, stats = update((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
     changed = sum((p.detach() != b).sum() for p, b in zip(lm.adapter_params("policy"), before)).item()  # 1 read-back

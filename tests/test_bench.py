@@ -35,6 +35,7 @@ def test_model_benchmark_on_cpu():
         moved[cache] = float(row.group(2))
     assert moved["static"] < moved["dynamic"]  # the dynamic cache copies itself at every step
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
+    assert re.search(r"\| update B=2, one shared prompt, \d+ rows per sequence \| [\d,]+ ms \| [\d.]+x the speed", out)
     # the FLOP formula beside the MFU is exact: torch's own counter agrees to the last printed digit (on a CPU it
     # leaves out the fused attention kernel, which the formula reports apart)
     row = re.search(r"\| FLOP per update \| \S+ \(matmuls (\S+), attention \S+\) \| (\S+) counted", out)
@@ -75,8 +76,18 @@ def test_memory_simulation_matches_real_tensors():
                                 out).groups()
     assert real == simulated and int(real.replace(",", "")) > 0
     assert re.search(r"\| rollout, static cache \| B = 2: \S+ GiB \|", out)
-    kernels, moved = re.search(r"\| operators of one update B=2 \| ([\d,]+) kernels \| (\S+) GB moved", out).groups()
-    assert int(kernels.replace(",", "")) > 1000 and float(moved) > 0
+    flops = {}
+    for shared in ("", ", one shared prompt"):
+        kernels, moved, flops[shared] = re.search(rf"\| operators of one update B=2{shared} \| ([\d,]+) kernels \| "
+                                                  r"(\S+) GB moved \| (\S+) FLOP in matmuls", out).groups()
+        assert int(kernels.replace(",", "")) > 1000 and float(moved) > 0
+    assert float(flops[", one shared prompt"]) < float(flops[""])  # the prompt runs once for both rows
+    # the shared prompt's update holds exactly the bytes simulated too, and less than two prompts' update
+    real, simulated = re.search(r"\| update B=2, one shared prompt, no checkpointing, on real tensors here \| "
+                                r"([\d,]+) bytes \| simulated: ([\d,]+) bytes", out).groups()
+    assert real == simulated
+    two = re.search(r"\| update B=2, no checkpointing, on real tensors here \| ([\d,]+) bytes", out).group(1)
+    assert int(real.replace(",", "")) < int(two.replace(",", ""))
 
 
 def test_environment_and_sampling_benchmarks():

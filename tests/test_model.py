@@ -126,6 +126,61 @@ def test_action_logits_equal_the_slice_of_full_logits(lm):
     assert torch.allclose(lm.last_logits(prompt_ids, prompt_mask), full[:, P - 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("most", [2, 8])
+def test_rows_with_one_prompt_share_its_forward_with_the_same_logits_and_gradients(lm, monkeypatch, most):
+    # six rows, three prompts (three rows of the first, two of the second), actions of different lengths; most = 2
+    # splits the first prompt's three rows into sequences of two and one
+    monkeypatch.setattr(model, "rows_per_sequence", lambda config, P, T: most)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], "# a third prompt\n", PROMPTS[0], PROMPTS[1]]
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)
+    P, T = prompt_ids.shape[1], 10
+    lengths = torch.tensor([10, 3, 7, 1, 10, 5])
+    action_mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    tokens = torch.randint(3, lm.hf.config.vocab_size, (6, T), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.masked_fill(action_mask == 0, lm.tokenizer.pad_token_id)  # right-padded, as rollouts are
+    seen = []  # tokens of every sequence the decoder runs
+    hook = lm.hf.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()),
+                                                         with_kwargs=True)
+    with torch.no_grad():
+        for p in lm.adapter_params("policy")[1::2]:
+            p.normal_(0, 0.05)  # a policy adapter that changes the logits, so that gradients reach A and B
+    try:
+        results = []
+        for keys in (None, prompts):
+            with lm.adapter("policy"):
+                logits = lm.action_logits(prompt_ids, prompt_mask, tokens, action_mask, keys)  # (6, T, V)
+                (logits.logsumexp(-1) * action_mask).sum().backward()
+            results.append((logits.detach()[action_mask.bool()], [p.grad for p in lm.adapter_params("policy")]))
+            for p in lm.adapter_params("policy"):
+                p.grad = None
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            for p in lm.adapter_params("policy")[1::2]:
+                p.zero_()
+    (alone, alone_grads), (shared, shared_grads) = results
+    assert torch.allclose(shared, alone, atol=1e-5)  # every real position: the same distribution
+    for a, b in zip(alone_grads, shared_grads):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()  # float32 sums in another order (~1e-6 here)
+    # alone: 6 sequences of P + T; shared: the first prompt's rows as 2 + 1 (most 2) or 3 (most 8), the second's as
+    # 2, the third alone
+    assert sum(seen[:1]) == 6 * (P + T)
+    sequences = [2, 1, 2, 1] if most == 2 else [3, 2, 1]
+    assert sum(seen[1:]) == sum(P + k * T for k in sequences)
+
+
+def test_rows_per_sequence_is_the_cheapest_whole_number_of_rows():
+    # the docstring's cost per row, (rho (P + k T) + (P + k T)^2) / k, enumerated by hand over k
+    config = model.codellama_7b_config()
+    rho = 4096 + 4096 + 1.5 * 11008  # d + d_kv + 1.5 d_ff
+    for P, T in [(512, 256), (512, 64), (64, 256), (1024, 128), (100, 1000)]:
+        cost = {k: (rho * (P + k * T) + (P + k * T) ** 2) / k for k in range(1, 200)}
+        cheapest = min(cost, key=cost.get)
+        k = model.rows_per_sequence(config, P, T)
+        assert cost[k] <= cost[cheapest] * 1.01, (P, T, k, cheapest)
+    assert model.rows_per_sequence(config, 512, 256) == 14
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_cached_generation_equals_uncached_greedy_decoding_per_prompt(lm, cache):
     tokens, lengths, texts = lm.generate(PROMPTS, max_new_tokens=20, temperature=0.0, cache=cache)  # left-padded
