@@ -10,7 +10,8 @@ adapters `policy`, `q` and `q_target`; running with no adapter is the reference.
 What a reader finds here, top to bottom:
 1. LoRA written out: y = W x + (alpha / r) * B A x with B = 0 at init (Hu et al., arXiv 2106.09685).
 2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only (LM head in
-   float32), batched sampling with a static KV cache, save / load adapters without the base weights.
+   float32; rows with one prompt run it once), batched sampling with a static KV cache, save / load adapters
+   without the base weights.
 3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (built offline
    and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
    (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
@@ -176,13 +177,16 @@ class AdapterLM(nn.Module):
             length = prompt_mask[first].long().sum(1, keepdim=True)  # (n, 1) real prompt tokens
             positions = torch.cat([(prompt_mask[first].long().cumsum(1) - 1).clamp(min=0),  # left padding: no shift
                                    length + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
-            part = torch.tensor([0] * P + [m + 1 for m in range(k) for _ in range(T)], device=self.device)  # (S,)
-            i = torch.arange(S, device=self.device)
-            sees = (i[:, None] >= i[None]) & ((part[None] == 0) | (part[:, None] == part[None]))  # (S, S) query, key
-            sees = (sees[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=self.device)  # (n, S, S)
-            dtype = self.hf.get_input_embeddings().weight.dtype
-            mask = torch.zeros(sees.shape, dtype=dtype, device=self.device).masked_fill(~sees, torch.finfo(dtype).min)
-            out = self.hf.get_decoder()(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
+            if k == 1:  # one action: the padding mask (n, S), from which transformers builds the causal one
+                mask = real.long()
+            else:  # query i sees key j if j <= i, j is no padding, and j is in the prompt or in i's own action
+                part = torch.tensor([0] * P + [m + 1 for m in range(k) for _ in range(T)], device=self.device)  # (S,)
+                i = torch.arange(S, device=self.device)
+                sees = (i[:, None] >= i[None]) & ((part[None] == 0) | (part[:, None] == part[None]))  # (S, S)
+                sees = (sees[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=self.device)  # (n, S, S)
+                dtype = self.hf.get_input_embeddings().weight.dtype  # additive: 0 if seen, the dtype's minimum if not
+                mask = torch.zeros_like(sees, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)[:, None]
+            out = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                         use_cache=False).last_hidden_state  # (n, S, H)
             take = [[P - 1] + [P + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) predict w^1..w^T
             hidden.append(out[:, torch.tensor(take, device=self.device)].flatten(0, 1))  # (n k, T, H)
