@@ -107,7 +107,7 @@ def update(lm, optimizers, B, shared=False):
         prompt_ids, prompt_mask, prompts = prompt_ids.expand(B, P), prompt_mask.expand(B, P), ["first step"] * B
     else:
         prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
-        prompts = list(range(B))
+        prompts = None  # every row its own prompt
     tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
     mask = torch.ones(B, T, device=device)  # (B, T)
     lengths = torch.full((B,), T, device=device)

@@ -154,7 +154,8 @@ class AdapterLM(nn.Module):
         run as ONE sequence, the prompt once and then each row's action: [prompt, action 1, ..., action k], where
         each action attends to the prompt and to its own earlier tokens only, at positions continuing from the
         prompt's. Same logits, fewer tokens: 8 rows of one 512-token prompt with 256-token actions are 2,560 tokens
-        instead of 6,144. Without prompts every row is its own sequence.
+        instead of 6,144. At most rows_per_sequence(...) rows share a sequence (a longer one costs more attention
+        than it saves). Without prompts every row is its own sequence.
         """
         B, P = prompt_ids.shape
         T = tokens.shape[1]
@@ -164,16 +165,16 @@ class AdapterLM(nn.Module):
         most = rows_per_sequence(self.hf.config, P, T)
         by_size = {}  # k -> the groups of k rows; one forward per k, so that no sequence is padded
         for rows in by_prompt.values():
-            n = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows
-            for group in (rows[i::n] for i in range(n)):
+            count = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows each
+            for group in (rows[start::count] for start in range(count)):
                 by_size.setdefault(len(group), []).append(group)
         order, hidden = [], []
         for k, groups in by_size.items():
             S = P + k * T
-            rows = torch.tensor(groups, device=self.device)  # (n, k)
-            first = rows[:, 0]  # (n,) the row whose prompt the group shares
-            ids = torch.cat([prompt_ids[first], tokens[rows].flatten(1)], dim=1)  # (n, S)
-            real = torch.cat([prompt_mask[first], action_mask[rows].flatten(1)], dim=1).bool()  # (n, S) no padding
+            index = torch.tensor(groups, device=self.device)  # (n, k) n sequences of k rows
+            first = index[:, 0]  # (n,) the row whose prompt the sequence shares
+            ids = torch.cat([prompt_ids[first], tokens[index].flatten(1)], dim=1)  # (n, S)
+            real = torch.cat([prompt_mask[first], action_mask[index].flatten(1)], dim=1).bool()  # (n, S) no padding
             length = prompt_mask[first].long().sum(1, keepdim=True)  # (n, 1) real prompt tokens
             positions = torch.cat([(prompt_mask[first].long().cumsum(1) - 1).clamp(min=0),  # left padding: no shift
                                    length + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
@@ -191,7 +192,7 @@ class AdapterLM(nn.Module):
             take = [[P - 1] + [P + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) predict w^1..w^T
             hidden.append(out[:, torch.tensor(take, device=self.device)].flatten(0, 1))  # (n k, T, H)
             order += [row for group in groups for row in group]
-        where = {row: n for n, row in enumerate(order)}
+        where = {row: place for place, row in enumerate(order)}
         hidden = torch.cat(hidden)[torch.tensor([where[row] for row in range(B)], device=self.device)]  # (B, T, H)
         return self.head(hidden)  # (B, T, V)
 
