@@ -210,7 +210,7 @@ def random_lm(config):
 def simulate(config, B, checkpointing=False, fake=True, shared=False):
     """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
     random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
-    the same on real tensors, to check the simulation; shared: one prompt for all rows (update's)."""
+    the same on real tensors, to check the simulation; shared: one prompt for all rows, as in update()."""
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
             lm = random_lm(config)
@@ -227,6 +227,11 @@ def simulate(config, B, checkpointing=False, fake=True, shared=False):
         raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
                            "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
                            "later run it)") from None
+
+
+def case(shared, checkpointing):  # the label of a simulated update in the table
+    prompts = "one shared prompt, " if shared else ""
+    return prompts + ("gradient checkpointing" if checkpointing else "no checkpointing")
 
 
 def simulate_rollout(config, B, fake=True):
@@ -350,8 +355,7 @@ if args.memory:  # -------------------------------------------------------------
           f"state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []
     for shared, checkpointing in [(False, False), (False, True), (True, False), (True, True)]:
-        label = ("one shared prompt, " if shared else "") + ("gradient checkpointing" if checkpointing else
-                                                             "no checkpointing")
+        label = case(shared, checkpointing)
         run = functools.cache(lambda n: simulate(config, n, checkpointing, shared=shared))  # B -> (before, peak)
         peak_at = lambda n: run(n)[1]  # noqa: E731
         before = run(B)[0]
@@ -383,9 +387,7 @@ if args.memory:  # -------------------------------------------------------------
               f"{ops.bytes / 1e9:,.4g} GB moved | {counter.get_total_flops():.4g} FLOP in matmuls |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
         for shared, checkpointing in [(False, False), (False, True), (True, False)]:
-            label = ("one shared prompt, " if shared else "") + ("gradient checkpointing" if checkpointing else
-                                                                 "no checkpointing")
-            print(f"| update B={B}, {label}, on real tensors here | "
+            print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | "
                   f"{simulate(config, B, checkpointing, False, shared)[1]:,} bytes | simulated: "
                   f"{simulate(config, B, checkpointing, shared=shared)[1]:,} bytes | |")
         print(f"| rollout B={B}, on real tensors here | {simulate_rollout(config, B, False):,} bytes | simulated: "
