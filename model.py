@@ -175,15 +175,16 @@ class AdapterLM(nn.Module):
             first = index[:, 0]  # (n,) the row whose prompt the sequence shares
             ids = torch.cat([prompt_ids[first], tokens[index].flatten(1)], dim=1)  # (n, S)
             real = torch.cat([prompt_mask[first], action_mask[index].flatten(1)], dim=1).bool()  # (n, S) no padding
-            length = prompt_mask[first].long().sum(1, keepdim=True)  # (n, 1) real prompt tokens
-            positions = torch.cat([(prompt_mask[first].long().cumsum(1) - 1).clamp(min=0),  # left padding: no shift
-                                   length + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
+            counted = prompt_mask[first].long().cumsum(1)  # (n, P) real prompt tokens so far; the last: all of them
+            positions = torch.cat([(counted - 1).clamp(min=0),  # left padding does not shift positions
+                                   counted[:, -1:] + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
             if k == 1:  # one action: the padding mask (n, S), from which transformers builds the causal one
                 mask = real.long()
             else:  # query i sees key j if j <= i, j is no padding, and j is in the prompt or in i's own action
                 part = torch.tensor([0] * P + [m + 1 for m in range(k) for _ in range(T)], device=self.device)  # (S,)
                 i = torch.arange(S, device=self.device)
                 sees = (i[:, None] >= i[None]) & ((part[None] == 0) | (part[:, None] == part[None]))  # (S, S)
+                # and every query sees itself, so that a padding query has a key (a row of -inf softmaxes to NaN)
                 sees = (sees[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=self.device)  # (n, S, S)
                 dtype = self.hf.get_input_embeddings().weight.dtype  # additive: 0 if seen, the dtype's minimum if not
                 mask = torch.zeros_like(sees, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)[:, None]
@@ -192,8 +193,7 @@ class AdapterLM(nn.Module):
             take = [[P - 1] + [P + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) predict w^1..w^T
             hidden.append(out[:, torch.tensor(take, device=self.device)].flatten(0, 1))  # (n k, T, H)
             order += [row for group in groups for row in group]
-        where = {row: place for place, row in enumerate(order)}
-        hidden = torch.cat(hidden)[torch.tensor([where[row] for row in range(B)], device=self.device)]  # (B, T, H)
+        hidden = torch.cat(hidden)[torch.tensor(order, device=self.device).argsort()]  # (B, T, H) in row order
         return self.head(hidden)  # (B, T, V)
 
     def head(self, hidden):
