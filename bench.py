@@ -476,6 +476,19 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
         rows.append(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
                     f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
+# the rollout at the last B when all rows have one prompt (an episode's first step): with a prefill per row, then
+# with one prefill in all (sample_ids' prompts); both sample the same tokens
+one_ids, one_mask = prompt_ids[:1].expand(B, -1), prompt_mask[:1].expand(B, -1)  # (B, P), one prompt's rows
+seconds, lengths = {}, []
+for keys in (None, ["one prompt"] * B):
+    seconds[keys is not None] = timed(lambda: lengths.append(lm.sample_ids(
+        one_ids, one_mask, "policy", args.action_len, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+        prompts=keys)[1]), args.iters)
+tokens = float(torch.stack(lengths).float().mean(0).sum())  # the same in every run
+rows.append(f"| rollout B={B}, one shared prompt, one prefill | {tokens / seconds[True]:,.0f} tok/s | "
+            f"{seconds[False] / seconds[True]:.2f}x the speed with a prefill per row ({tokens / seconds[False]:,.0f} "
+            f"tok/s) | |")
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
 B, P, T = args.batch, args.prompt_len, args.action_len

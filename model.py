@@ -240,7 +240,7 @@ class AdapterLM(nn.Module):
         defaults): top_k 0 and top_p 1.0 mean off."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         tokens, lengths = self.sample_ids(prompt_ids, prompt_mask, adapter, max_new_tokens, temperature, top_k, top_p,
-                                          stop_strings, generator, progress, cache, cuda_graph)
+                                          stop_strings, generator, progress, cache, cuda_graph, prompts)
         rows = tokens.tolist()  # one read-back, not one per token
         texts = [self.decode(row[:n]) for row, n in zip(rows, lengths.tolist())]
         return tokens, lengths, texts
@@ -258,10 +258,16 @@ class AdapterLM(nn.Module):
 
     @torch.no_grad()
     def sample_ids(self, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256, temperature=1.0, top_k=0,
-                   top_p=1.0, stop_strings=(), generator=None, progress=None, cache="static", cuda_graph=False):
+                   top_p=1.0, stop_strings=(), generator=None, progress=None, cache="static", cuda_graph=False,
+                   prompts=None):
         """The sampling loop on token ids, with a KV cache: one prefill of the left-padded prompts (B, P), then one
         token per step for every row until each row has stopped or max_new_tokens is reached. `progress` (a tqdm
         bar, optional) advances one per step.
+
+        prompts (the B texts, optional) lets rows with the same prompt share its prefill: at an episode's first step
+        every row has the task's prompt. The prefill then runs on the distinct prompts only, and the cache copies
+        each one's keys and values to all of its rows (transformers' reorder_cache, made for beam search); the
+        sampled tokens are the same as with a prefill per row (tests/test_model.py).
 
         cache="static" preallocates the keys and values of all P + max_new_tokens positions and writes each step's
         in place; "dynamic" (transformers' default) concatenates each step's onto a copy of the whole cache, which
@@ -286,9 +292,15 @@ class AdapterLM(nn.Module):
         window = max((len(s) for s in stop_strings), default=0) + 2  # tokens that can hold a just-completed stop
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        # the rows that prefill: the first row of each distinct prompt, and for every row the number of its prompt
+        numbers = {}  # distinct prompt text -> its number, in order of first appearance
+        for text in prompts or ():
+            numbers.setdefault(text, len(numbers))
+        shared = prompts is not None and len(numbers) < B
+        firsts = [prompts.index(text) for text in numbers] if shared else list(range(B))  # (U,)
         static = cache == "static"
         if static:  # max_batch_size, device, dtype: transformers 4.x needs them, 5.x allocates at the first write
-            kv = StaticCache(config=self.hf.config, max_batch_size=B, max_cache_len=P + max_new_tokens,
+            kv = StaticCache(config=self.hf.config, max_batch_size=len(firsts), max_cache_len=P + max_new_tokens,
                              device=self.device, dtype=self.hf.dtype)
         else:
             kv = DynamicCache()
@@ -298,8 +310,8 @@ class AdapterLM(nn.Module):
         if cuda_graph and (not static or explicit_slots):  # (and a CUDA device: torch.cuda says so itself)
             raise ValueError("cuda_graph needs cache='static' and transformers 5 or later")
 
-        def forward(ids, positions, start):
-            """Logits after ids (B, n), which go into the cache's slots start .. start + n - 1."""
+        def forward(ids, positions, start, mask=mask):
+            """Logits after ids (rows, n), which go into the cache's slots start .. start + n - 1."""
             n = ids.shape[1]
             slots = {"cache_position": torch.arange(start, start + n, device=self.device)} if explicit_slots else {}
             seen = mask if static else mask[:, : start + n]  # a static cache attends over all its slots
@@ -312,7 +324,13 @@ class AdapterLM(nn.Module):
         training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
         self.hf.eval()
         with self.adapter(adapter):
-            logits = forward(prompt_ids, positions, 0)
+            if shared:  # prefill U distinct prompts, then give row b the keys and values of its prompt's row
+                logits = forward(prompt_ids[firsts], positions[firsts], 0, mask[firsts])  # (U, V)
+                which = torch.tensor([numbers[text] for text in prompts], device=self.device)  # (B,)
+                kv.reorder_cache(which)  # every layer's (U, heads, slots, dim) -> (B, heads, slots, dim)
+                logits = logits[which]  # (B, V)
+            else:
+                logits = forward(prompt_ids, positions, 0)  # (B, V)
             positions = positions[:, -1:].clone()  # (B, 1)
             new, graph = torch.empty(B, 1, dtype=torch.long, device=self.device), None  # fixed addresses for a graph
             for t in range(max_new_tokens):

@@ -34,6 +34,7 @@ def test_model_benchmark_on_cpu():
         assert int(row.group(1).replace(",", "")) > 50
         moved[cache] = float(row.group(2))
     assert moved["static"] < moved["dynamic"]  # the dynamic cache copies itself at every step
+    assert re.search(r"\| rollout B=2, one shared prompt, one prefill \| [\d,]+ tok/s \| [\d.]+x the speed", out)
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
     assert re.search(r"\| update B=2, one shared prompt, \d+ rows per sequence \| [\d,]+ ms \| [\d.]+x the speed", out)
     # the FLOP formula beside the MFU is exact: torch's own counter agrees to the last printed digit (on a CPU it

@@ -205,6 +205,29 @@ def test_static_and_dynamic_caches_sample_the_same_tokens(lm):
     assert runs[0][1].max() == 30  # the run fills the static cache to its last slot
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_rows_with_one_prompt_share_its_prefill_and_sample_the_same_tokens(lm, cache):
+    # five rows, three prompts of different lengths (so some rows are left-padded): two rows of the first, two of
+    # the second, the third alone. Sharing the prefill must give the same tokens as one prefill per row, in every
+    # row (a row given another prompt's keys and values, or its own at the wrong slots, samples other tokens)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], "# a third prompt\n", PROMPTS[1]]
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)
+    seen = []  # (rows, tokens) of every forward
+    hook = lm.hf.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                         with_kwargs=True)
+    try:
+        runs = [lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=30, generator=torch.Generator().manual_seed(0),
+                              cache=cache, prompts=keys) for keys in (None, prompts)]
+    finally:
+        hook.remove()
+    (alone, alone_lengths), (shared, shared_lengths) = runs
+    assert torch.equal(shared, alone) and torch.equal(shared_lengths, alone_lengths)
+    assert len(set(map(tuple, alone.tolist()))) == 5 and alone_lengths.max() > 5  # rows sampled apart, for a while
+    P = prompt_ids.shape[1]
+    assert [shape for shape in seen if shape[1] > 1] == [(5, P), (3, P)]  # the prefills: every row, then 3 rows
+    assert all(shape == (5, 1) for shape in seen if shape[1] == 1)  # every decode step runs all 5 rows
+
+
 def test_the_float32_head_keeps_q_accurate_when_the_base_runs_in_bf16():
     import copy
 
@@ -333,10 +356,14 @@ def test_a_rollout_reads_values_back_once_per_step_not_once_per_row_and_token(lm
                                              generator=torch.Generator().manual_seed(0))
     assert sum("model" in text for text in texts) >= 8 and len(set(lengths.tolist())) > 1  # rows stopped apart
     steps = len(read_backs.per_forward)
-    assert 0 < read_backs.outside <= steps + 1, (read_backs.outside, steps)  # done.all() a step, the longest row
+    # done.all() a step, the longest row, and (the 16 rows share one prompt, whose prefill the cache copies to them)
+    # one per layer where transformers' reorder_cache checks that the layer holds something
+    once = lm.hf.config.num_hidden_layers
+    assert 0 < read_backs.outside <= steps + 1 + once, (read_backs.outside, steps)
 
 
-def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, monkeypatch, shared):
     # cuda_graph=True on the CPU, with the graph emulated: if a decode step depended on a number that changes from
     # step to step (a Python-side cache slot, a length), or wrote its state anywhere but in place, replaying step
     # 1's recording would sample other tokens than the eager loop does
@@ -359,7 +386,8 @@ def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, mon
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    prompts = PROMPTS + [PROMPTS[0][:20]]  # rows 1 and 2 are left-padded, by different amounts
+    prompts = PROMPTS + [PROMPTS[0][:20], PROMPTS[1]]  # rows 1-3 are left-padded, 2 by another amount
+    keys = prompts if shared else None  # shared: rows 1 and 3 share a prefill, recorded after it
     prompt_ids, prompt_mask = lm.encode_prompts(prompts)
     saved = lm.adapter_state()
     for p in lm.adapter_params("policy"):  # a trained-looking adapter, so that its LoRA terms are in the recording
@@ -370,7 +398,7 @@ def test_a_decode_step_replayed_from_a_recording_samples_the_same_tokens(lm, mon
             for cuda_graph in (False, True):
                 runs[cuda_graph] = lm.sample_ids(prompt_ids, prompt_mask, max_new_tokens=24, temperature=temperature,
                                                  stop_strings=stops, generator=torch.Generator().manual_seed(0),
-                                                 cuda_graph=cuda_graph)
+                                                 cuda_graph=cuda_graph, prompts=keys)
             assert graphs[-1].replays > 2 and len(graphs[-1].ops) > 100  # recorded once, replayed for many tokens
             assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     finally:
