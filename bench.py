@@ -56,6 +56,7 @@ parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
 args = parser.parse_args()
+started = time.perf_counter()
 cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
 
@@ -427,7 +428,11 @@ print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_byt
 # 1. rollout: tokens/s with the KV cache, against the decode roofline
 
 
-rows = []
+def row(line):  # each row as soon as it is measured: a run stopped at a time limit keeps what it printed
+    print(line, flush=True)
+
+
+row("| what | figure | against | peak memory |\n|---|---|---|---|")
 # model.py's default, transformers' torch.cat cache for comparison, and on a GPU the static cache replayed as a
 # CUDA graph (last: it had never run on a GPU when this was written, and a failure must not cost the other figures)
 variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"}}
@@ -450,15 +455,15 @@ for variant, options in variants.items():
         try:
             seconds = timed(rollout, args.iters)
         except RuntimeError as e:
-            rows.append(f"| rollout B={B}, {variant} | failed: {str(e).splitlines()[0][:100]} | | |")
+            row(f"| rollout B={B}, {variant} | failed: {str(e).splitlines()[0][:100]} | | |")
             continue
         tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
         tok_s[variant] = tokens / seconds  # at the last B, for the rows below
         # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV ignored)
         roofline = B * bandwidth / weight_bytes
         peak = peak_memory()
-        rows.append(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
-                    f"{roofline:,.0f} tok/s roofline | {peak} |")
+        row(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
+            f"{roofline:,.0f} tok/s roofline | {peak} |")
 
 for variant in ("static cache", "dynamic cache"):  # one more rollout at the last B, counted (a graph's replays are
     # invisible to a dispatch mode): the prefill and one forward per further token
@@ -470,11 +475,11 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
     # here, B tokens take (bytes per step) / bandwidth seconds
     per_step = ops.bytes / steps
     bound = B * bandwidth / per_step
-    rows.append(f"| decode step B={B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
-                f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+    row(f"| decode step B={B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
+        f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
     if variant == "static cache" and "static cache + CUDA graph" in tok_s:  # the same kernels and bytes, replayed
-        rows.append(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
-                    f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+        row(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
+            f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
 # the rollout at the last B when all rows have one prompt (an episode's first step): with a prefill per row, then
 # with one prefill in all (sample_ids' prompts); both sample the same tokens
@@ -485,9 +490,9 @@ for keys in (None, ["one prompt"] * B):
         one_ids, one_mask, "policy", args.action_len, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
         prompts=keys)[1]), args.iters)
 tokens = float(torch.stack(lengths).float().mean(0).sum())  # the same in every run
-rows.append(f"| rollout B={B}, one shared prompt, one prefill | {tokens / seconds[True]:,.0f} tok/s | "
-            f"{seconds[False] / seconds[True]:.2f}x the speed with a prefill per row ({tokens / seconds[False]:,.0f} "
-            f"tok/s) | |")
+row(f"| rollout B={B}, one shared prompt, one prefill | {tokens / seconds[True]:,.0f} tok/s | "
+    f"{seconds[False] / seconds[True]:.2f}x the speed with a prefill per row ({tokens / seconds[False]:,.0f} "
+    f"tok/s) | |")
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
@@ -535,28 +540,28 @@ with FlopCounterMode(display=False) as counter:  # torch's own count of the same
 # On a CPU torch does not count the fused attention kernel, so its count must equal the matmul formula exactly; on
 # a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
 counted = counter.get_total_flops()
-rows.append(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
-            f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
-rows.append(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
-            f"| {counted:.4g} counted by torch.utils.flop_counter | |")
+row(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
+    f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
+row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
+    f"| {counted:.4g} counted by torch.utils.flop_counter | |")
 # the same update when the B rows share one prompt, as at every episode's first step: action_logits runs the prompt
 # once per sequence of model.rows_per_sequence rows (its FLOPs: bench.py --memory)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 shared_seconds = timed(lambda: update(lm, optimizers, B, shared=True), args.iters)
-rows.append(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
-            f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
-            f"{peak_memory()} |")
+row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
+    f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
+    f"{peak_memory()} |")
 if cuda:  # the same update and rollouts on fake tensors (bench.py --memory), next to the peaks measured above
     try:
         simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
         rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n) / 2**30:.2f} GiB" for n in batches)
     except RuntimeError as e:
         simulated = rollouts = f"failed: {e}"
-    rows.append(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
-    rows.append(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
-rows.append(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
-            f"the taken token, prompt ids | |")
+    row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
+    row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
+row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
+    f"the taken token, prompt ids | |")
 
 if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from B
     for shared in (False, True):
@@ -569,11 +574,9 @@ if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from
                 break
             finally:
                 torch.cuda.empty_cache()
-        rows.append(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {fits} "
-                    f"fits, {trial} does not | | |")
+        row(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {fits} "
+            f"fits, {trial} does not | | |")
 
-print("| what | figure | against | peak memory |\n|---|---|---|---|")
-print("\n".join(rows))
 
 if args.profile:  # where the time goes: the operators that take most of it, on the device and in Python's thread
     from torch.profiler import ProfilerActivity, profile
@@ -588,3 +591,4 @@ if args.profile:  # where the time goes: the operators that take most of it, on 
             sync()
         print(f"\n{job}:\n" + prof.key_averages().table(
             sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+print(f"\nbench.py took {time.perf_counter() - started:.0f} s")  # for planning a run on a GPU lent for minutes
