@@ -266,8 +266,9 @@ class AdapterLM(nn.Module):
 
         prompts (the B texts, optional) lets rows with the same prompt share its prefill: at an episode's first step
         every row has the task's prompt. The prefill then runs on the distinct prompts only, and the cache copies
-        each one's keys and values to all of its rows (transformers' reorder_cache, made for beam search); the
-        sampled tokens are the same as with a prefill per row (tests/test_model.py).
+        each one's keys and values to all of its rows (transformers' reorder_cache, made for beam search). Every row
+        gets the keys and values a prefill of its own would give, up to rounding (a matmul of fewer rows may add in
+        another order); tests/test_model.py checks that the sampled tokens are the same.
 
         cache="static" preallocates the keys and values of all P + max_new_tokens positions and writes each step's
         in place; "dynamic" (transformers' default) concatenates each step's onto a copy of the whole cache, which
