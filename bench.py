@@ -482,17 +482,17 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
             f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
 # the rollout at the last B when all rows have one prompt (an episode's first step): with a prefill per row, then
-# with one prefill in all (sample_ids' prompts); both sample the same tokens
+# with one prefill in all (sample_ids' prompts)
 one_ids, one_mask = prompt_ids[:1].expand(B, -1), prompt_mask[:1].expand(B, -1)  # (B, P), one prompt's rows
-seconds, lengths = {}, []
-for keys in (None, ["one prompt"] * B):
-    seconds[keys is not None] = timed(lambda: lengths.append(lm.sample_ids(
+one_tok_s = {}
+for shared in (False, True):
+    lengths = []
+    seconds = timed(lambda: lengths.append(lm.sample_ids(
         one_ids, one_mask, "policy", args.action_len, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
-        prompts=keys)[1]), args.iters)
-tokens = float(torch.stack(lengths).float().mean(0).sum())  # the same in every run
-row(f"| rollout B={B}, one shared prompt, one prefill | {tokens / seconds[True]:,.0f} tok/s | "
-    f"{seconds[False] / seconds[True]:.2f}x the speed with a prefill per row ({tokens / seconds[False]:,.0f} "
-    f"tok/s) | |")
+        prompts=["one prompt"] * B if shared else None)[1]), args.iters)
+    one_tok_s[shared] = float(torch.stack(lengths).float().mean(0).sum()) / seconds
+row(f"| rollout B={B}, one shared prompt, one prefill | {one_tok_s[True]:,.0f} tok/s | "
+    f"{one_tok_s[True] / one_tok_s[False]:.2f}x the speed with a prefill per row ({one_tok_s[False]:,.0f} tok/s) | |")
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
