@@ -159,12 +159,9 @@ class AdapterLM(nn.Module):
         """
         B, P = prompt_ids.shape
         T = tokens.shape[1]
-        by_prompt = {}  # prompt -> the rows that have it
-        for row, key in enumerate(prompts if prompts is not None else range(B)):
-            by_prompt.setdefault(key, []).append(row)
         most = rows_per_sequence(self.hf.config, P, T)
         by_size = {}  # k -> the groups of k rows; one forward per k, so that no sequence is padded
-        for rows in by_prompt.values():
+        for rows in rows_by_prompt(prompts if prompts is not None else range(B)):
             count = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows each
             for group in (rows[start::count] for start in range(count)):
                 by_size.setdefault(len(group), []).append(group)
@@ -293,12 +290,9 @@ class AdapterLM(nn.Module):
         window = max((len(s) for s in stop_strings), default=0) + 2  # tokens that can hold a just-completed stop
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        # the rows that prefill: the first row of each distinct prompt, and for every row the number of its prompt
-        numbers = {}  # distinct prompt text -> its number, in order of first appearance
-        for text in prompts or ():
-            numbers.setdefault(text, len(numbers))
-        shared = prompts is not None and len(numbers) < B
-        firsts = [prompts.index(text) for text in numbers] if shared else list(range(B))  # (U,)
+        groups = rows_by_prompt(prompts if prompts is not None else range(B))  # U lists of rows, one per prompt
+        shared = len(groups) < B
+        firsts = [rows[0] for rows in groups]  # (U,) the rows that prefill
         static = cache == "static"
         if static:  # max_batch_size, device, dtype: transformers 4.x needs them, 5.x allocates at the first write
             kv = StaticCache(config=self.hf.config, max_batch_size=len(firsts), max_cache_len=P + max_new_tokens,
@@ -327,7 +321,10 @@ class AdapterLM(nn.Module):
         with self.adapter(adapter):
             if shared:  # prefill U distinct prompts, then give row b the keys and values of its prompt's row
                 logits = forward(prompt_ids[firsts], positions[firsts], 0, mask[firsts])  # (U, V)
-                which = torch.tensor([numbers[text] for text in prompts], device=self.device)  # (B,)
+                which = torch.empty(B, dtype=torch.long)  # (B,) row b -> the number of its prompt
+                for u, rows in enumerate(groups):
+                    which[rows] = u
+                which = which.to(self.device)
                 kv.reorder_cache(which)  # every layer's (U, heads, slots, dim) -> (B, heads, slots, dim)
                 logits = logits[which]  # (B, V)
             else:
@@ -393,6 +390,14 @@ class AdapterLM(nn.Module):
 
     def load_adapters(self, path):
         self.load_adapter_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def rows_by_prompt(prompts):
+    """The rows of each distinct prompt, in order of first appearance: ["a", "b", "a"] -> [[0, 2], [1]]."""
+    rows = {}
+    for row, prompt in enumerate(prompts):
+        rows.setdefault(prompt, []).append(row)
+    return list(rows.values())
 
 
 def rows_per_sequence(config, P, T):

@@ -434,7 +434,8 @@ for it in range(start_it, iterations):
                "env/episodes": coding_env.episodes, **stats, "policy/changed_frac": changed,
                "perf/tokens_per_s": float(lengths.sum()) / t_rollout, "perf/iter_s": time.time() - t0,
                "perf/rollout_s": t_rollout, "perf/env_s": t_env, "perf/update_s": t_update,
-               "perf/shared_prompt": sum(prompts.count(p) > 1 for p in prompts) / len(prompts),  # another row has it
+               "perf/shared_prompt": sum(len(rows) for rows in model.rows_by_prompt(prompts) if len(rows) > 1)
+               / len(prompts),  # rows whose prompt another row has too
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
     log.write(json.dumps(metrics) + "\n")

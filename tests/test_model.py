@@ -169,6 +169,11 @@ def test_rows_with_one_prompt_share_its_forward_with_the_same_logits_and_gradien
     assert sum(seen[1:]) == sum(P + k * T for k in sequences)
 
 
+def test_rows_by_prompt_groups_rows_in_order_of_first_appearance():
+    assert model.rows_by_prompt(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4], [3]]
+    assert model.rows_by_prompt(range(3)) == [[0], [1], [2]]
+
+
 def test_rows_per_sequence_is_the_cheapest_whole_number_of_rows():
     # the docstring's cost per row, (rho (P + k T) + (P + k T)^2) / k, enumerated by hand over k
     config = model.codellama_7b_config()
