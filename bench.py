@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import env
 import etpo
 import model
+import tiny
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
 parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
@@ -253,7 +254,7 @@ def simulate_rollout(config, B, fake=True):
 
 if args.env:  # ----------------------------------------------------------------------------------------------------
     dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
-    programs = [env.SIGNATURE + body for body in model.tiny_corpus()[:16]]  # varied, some broken, like a policy's
+    programs = [env.SIGNATURE + body for body in tiny.training_corpus()[:16]]  # varied, some broken, like a policy's
     sandbox = env.Sandbox(workers=args.workers)
     t0 = time.perf_counter()
     results = sandbox.run(programs, dataset)

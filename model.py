@@ -12,8 +12,8 @@ What a reader finds here, top to bottom:
 2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only (LM head in
    float32; rows with one prompt run it once), batched sampling with a static KV cache, save / load adapters
    without the base weights.
-3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (built offline
-   and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
+3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (tiny.py: built
+   offline and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
    (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
 
 Departures from the paper: 1. LoRA adapters instead of four full fine-tuned copies (the official code
@@ -23,17 +23,14 @@ while the base is bf16, since updates of lr 1e-6 vanish in bf16.
 
 import contextlib
 import copy
-import hashlib
 import inspect
-import json
 import math
-import os
-import random
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import tiny
 
 ADAPTERS = ("policy", "q", "q_target")  # ETPO's; PPO-KL (ppo_kl.py) uses ("policy", "value")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -272,14 +269,9 @@ class AdapterLM(nn.Module):
         reads and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that is ~17 GB
         per step, more than the 13.5 GB of weights (bench.py measures both).
 
-        cuda_graph=True (static cache, CUDA, transformers 5) records one decode step as a CUDA graph and replays it
-        for every further token: thousands of kernel launches and their Python become one launch. A replay reruns
-        step 1's kernels on step 1's addresses with step 1's numbers, so everything that moves from step to step
-        (positions, mask, the cache's slot counter) is updated in place; tests/test_model.py replays a recording on
-        the CPU to check it. Not yet run on a GPU as of this writing, so it is off by default; `python bench.py` on
-        a GPU measures it."""
-        from transformers import DynamicCache, StaticCache
-
+        cuda_graph=True (static cache, CUDA, transformers 5) replays one recorded decode step for every further
+        token (graph_step below): thousands of kernel launches and their Python become one launch. Not yet run on
+        a GPU as of this writing, so it is off by default; `python bench.py` on a GPU measures it."""
         B, P = prompt_ids.shape
         stop_ids = self.stop_ids() if self.tokenizer is not None else torch.empty(0, dtype=torch.long)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
@@ -291,11 +283,53 @@ class AdapterLM(nn.Module):
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         groups = rows_by_prompt(prompts if prompts is not None else range(B))  # U lists of rows, one per prompt
-        shared = len(groups) < B
-        firsts = [rows[0] for rows in groups]  # (U,) the rows that prefill
+        kv, forward = self.cached_forward(mask, len(groups), cache, cuda_graph)
+
+        training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
+        self.hf.eval()
+        with self.adapter(adapter):
+            if len(groups) < B:  # prefill the U distinct prompts, then give row b the keys and values of its prompt
+                firsts = [rows[0] for rows in groups]  # (U,) the rows that prefill
+                logits = forward(prompt_ids[firsts], positions[firsts], 0, mask[firsts])  # (U, V)
+                which = torch.empty(B, dtype=torch.long)  # (B,) row b -> the number of its prompt
+                for u, rows in enumerate(groups):
+                    which[rows] = u
+                which = which.to(self.device)
+                kv.reorder_cache(which)  # every layer's (U, heads, slots, dim) -> (B, heads, slots, dim)
+                logits = logits[which]  # (B, V)
+            else:
+                logits = forward(prompt_ids, positions, 0)  # (B, V)
+            step = graph_step(forward) if cuda_graph else forward
+            positions = positions[:, -1:].clone()  # (B, 1)
+            new = torch.empty(B, 1, dtype=torch.long, device=self.device)  # (B, 1) at a fixed address, for a graph
+            for t in range(max_new_tokens):
+                w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                w = torch.where(done, torch.full_like(w, pad), w)
+                tokens[:, t] = w
+                lengths += (~done).long()
+                if progress is not None:
+                    progress.update(1)
+                done |= torch.isin(w, stop_ids.to(w.device))
+                if stop_strings:  # a stop string ends the action; it can only have been completed by the tail
+                    done[self.completed_stop(tokens[:, max(0, t + 1 - window) : t + 1], done, stop_strings)] = True
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                mask[:, P + t] = 1  # token t goes into the cache's slot P + t
+                positions += 1
+                new.copy_(w[:, None])
+                logits = step(new, positions, P + t)  # (B, V)
+        self.hf.train(training)
+        return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
+
+    def cached_forward(self, mask, rows, cache="static", cuda_graph=False):
+        """A KV cache for `rows` sequences of mask.shape[1] slots, and forward(ids, positions, start, mask): the
+        logits (rows, V) after ids (rows, n), whose keys and values go into the cache's slots start .. start + n - 1.
+        mask (rows, slots), 1 = attend: the caller marks each slot once it is filled."""
+        from transformers import DynamicCache, StaticCache
+
         static = cache == "static"
         if static:  # max_batch_size, device, dtype: transformers 4.x needs them, 5.x allocates at the first write
-            kv = StaticCache(config=self.hf.config, max_batch_size=len(firsts), max_cache_len=P + max_new_tokens,
+            kv = StaticCache(config=self.hf.config, max_batch_size=rows, max_cache_len=mask.shape[1],
                              device=self.device, dtype=self.hf.dtype)
         else:
             kv = DynamicCache()
@@ -306,7 +340,6 @@ class AdapterLM(nn.Module):
             raise ValueError("cuda_graph needs cache='static' and transformers 5 or later")
 
         def forward(ids, positions, start, mask=mask):
-            """Logits after ids (rows, n), which go into the cache's slots start .. start + n - 1."""
             n = ids.shape[1]
             slots = {"cache_position": torch.arange(start, start + n, device=self.device)} if explicit_slots else {}
             seen = mask if static else mask[:, : start + n]  # a static cache attends over all its slots
@@ -314,58 +347,16 @@ class AdapterLM(nn.Module):
                 seen = seen[:, None, None, :].bool()  # (B, 1, 1, slots) mask saves transformers ~9 kernels a step
             out = self.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv,
                           use_cache=True, logits_to_keep=1, **slots)
-            return out.logits[:, -1].float()  # (B, V)
+            return out.logits[:, -1].float()  # (rows, V)
 
-        training = self.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
-        self.hf.eval()
-        with self.adapter(adapter):
-            if shared:  # prefill U distinct prompts, then give row b the keys and values of its prompt's row
-                logits = forward(prompt_ids[firsts], positions[firsts], 0, mask[firsts])  # (U, V)
-                which = torch.empty(B, dtype=torch.long)  # (B,) row b -> the number of its prompt
-                for u, rows in enumerate(groups):
-                    which[rows] = u
-                which = which.to(self.device)
-                kv.reorder_cache(which)  # every layer's (U, heads, slots, dim) -> (B, heads, slots, dim)
-                logits = logits[which]  # (B, V)
-            else:
-                logits = forward(prompt_ids, positions, 0)  # (B, V)
-            positions = positions[:, -1:].clone()  # (B, 1)
-            new, graph = torch.empty(B, 1, dtype=torch.long, device=self.device), None  # fixed addresses for a graph
-            for t in range(max_new_tokens):
-                w = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-                w = torch.where(done, torch.full_like(w, pad), w)
-                tokens[:, t] = w
-                lengths += (~done).long()
-                if progress is not None:
-                    progress.update(1)
-                done |= torch.isin(w, stop_ids.to(w.device))
-                if stop_strings:  # a stop string ends the action; it can only have been completed by the tail.
-                    # One read-back of every row's tail per step (reading ids one by one waits on a GPU each time)
-                    tails, ended = tokens[:, max(0, t + 1 - window) : t + 1].tolist(), done.tolist()
-                    texts = [None if ended[b] else self.decode(tails[b]) for b in range(B)]
-                    done[[b for b, text in enumerate(texts) if text and any(s in text for s in stop_strings)]] = True
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                mask[:, P + t] = 1  # token t goes into the cache's slot P + t
-                positions += 1
-                new.copy_(w[:, None])
-                if not cuda_graph:
-                    logits = forward(new, positions, P + t)
-                elif t == 0:  # an eager warm-up step on a side stream, as torch's notes on CUDA graphs ask
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        logits = forward(new, positions, P)
-                    torch.cuda.current_stream().wait_stream(side)
-                else:  # record step 1 once, then replay it for every token (the cache advances its own slot)
-                    if graph is None:
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):  # records the kernels without running them
-                            graph_logits = forward(new, positions, P + t)
-                    graph.replay()
-                    logits = graph_logits  # overwritten by the next replay, after it has been sampled from
-        self.hf.train(training)
-        return tokens[:, : int(lengths.max())], lengths  # (B, T), (B,)
+        return kv, forward
+
+    def completed_stop(self, tails, done, stop_strings):
+        """The rows, not yet done, whose last tokens (B, n) contain a stop string. One read-back of all the tails:
+        reading ids one at a time would wait on a GPU each time."""
+        tails, ended = tails.tolist(), done.tolist()
+        texts = [None if ended[b] else self.decode(tail) for b, tail in enumerate(tails)]
+        return [b for b, text in enumerate(texts) if text and any(s in text for s in stop_strings)]
 
     # ------------------------------------------------------------------------------------------------------------
     # adapters on disk: only the LoRA weights, never the base
@@ -433,6 +424,34 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+def graph_step(forward):
+    """forward(ids, positions, start) -> logits, run as a CUDA graph: the first call runs eagerly on a side stream
+    (the warm-up torch's notes on CUDA graphs ask for), the second records the step once, and every call replays
+    the recording. A replay reruns the recorded kernels on the recorded addresses with the recorded numbers, so the
+    caller passes the same tensors every time and updates them in place (positions, mask, and the static cache
+    advances its own slot counter), and reads the logits before the next call overwrites them. tests/test_model.py
+    replays a recording on the CPU to check it."""
+    graph, logits = None, None
+
+    def step(ids, positions, start):
+        nonlocal graph, logits
+        if logits is None:  # the warm-up
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = forward(ids, positions, start)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the kernels without running them
+                logits = forward(ids, positions, start)
+        graph.replay()
+        return logits
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Presets
 
@@ -449,9 +468,9 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     if device.type == "cuda":  # the float32 head (AdapterLM.head) multiplies bf16 values, which TF32 holds exactly
         torch.backends.cuda.matmul.allow_tf32 = True
     if name == "tiny":
-        hf, tok = build_tiny(cache_dir)
+        hf, tok = tiny.build(cache_dir)
         lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name,
-                       max_prompt_tokens=TINY_WINDOW)
+                       max_prompt_tokens=tiny.WINDOW)
     elif name == "codellama-7b-arch":
         if device.type != "cuda":
             raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
@@ -532,135 +551,3 @@ def dtype_argument(dtype):
 
     old = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 56)
     return {"torch_dtype" if old else "dtype": dtype}
-
-
-# the `tiny` preset: a 2-layer Llama and a byte-level BPE tokenizer, built offline and warm-started by supervised
-# training on scikit-learn `build_model` bodies (good, weak and a few broken), so RL has signal on a CPU
-
-TINY_CLASSIFIERS = [  # (import line, constructor with {} for hyper-parameters, hyper-parameter choices)
-    ("from sklearn.ensemble import RandomForestClassifier", "RandomForestClassifier({})",
-     ["n_estimators=50", "n_estimators=100", "max_depth=5", "max_depth=10", "min_samples_leaf=3", "random_state=0"]),
-    ("from sklearn.ensemble import ExtraTreesClassifier", "ExtraTreesClassifier({})",
-     ["n_estimators=50", "n_estimators=100", "max_depth=8", "random_state=0"]),
-    ("from sklearn.ensemble import HistGradientBoostingClassifier", "HistGradientBoostingClassifier({})",
-     ["max_iter=50", "learning_rate=0.1", "max_depth=3", "random_state=0"]),
-    ("from sklearn.linear_model import LogisticRegression", "LogisticRegression({})",
-     ["C=0.1", "C=1.0", "C=10.0", "max_iter=1000", "C=0.0001"]),
-    ("from sklearn.neighbors import KNeighborsClassifier", "KNeighborsClassifier({})",
-     ["n_neighbors=1", "n_neighbors=5", "n_neighbors=15", "weights='distance'"]),
-    ("from sklearn.tree import DecisionTreeClassifier", "DecisionTreeClassifier({})",
-     ["max_depth=1", "max_depth=3", "max_depth=6", "min_samples_leaf=5", "random_state=0"]),
-    ("from sklearn.naive_bayes import GaussianNB", "GaussianNB({})", []),
-    ("from sklearn.discriminant_analysis import LinearDiscriminantAnalysis", "LinearDiscriminantAnalysis({})", []),
-    ("from sklearn.ensemble import AdaBoostClassifier", "AdaBoostClassifier({})",
-     ["n_estimators=50", "random_state=0"]),
-    ("from sklearn.svm import SVC", "SVC({})", ["C=1.0", "probability=True", "gamma='scale'"]),  # needs probability
-    ("from sklearn.svm import LinearSVC", "LinearSVC({})", ["C=1.0"]),  # broken: no predict_proba
-    ("from sklearn.linear_model import RidgeClassifier", "RidgeClassifier({})", ["alpha=1.0"]),  # broken: same
-]
-
-
-def tiny_corpus(n=240, seed=0):
-    """Short `build_model` bodies: varied classifiers, hyper-parameters and pipelines; some weak, a few broken."""
-    rng = random.Random(seed)
-    bodies = set()
-    while len(bodies) < n:
-        imp, ctor, options = rng.choice(TINY_CLASSIFIERS)
-        args = ", ".join(sorted(rng.sample(options, rng.randint(0, min(2, len(options))))))
-        lines = [imp]
-        if rng.random() < 0.3:
-            lines = ["from sklearn.pipeline import make_pipeline", "from sklearn.preprocessing import StandardScaler",
-                     imp, f"model = make_pipeline(StandardScaler(), {ctor.format(args)})"]
-        else:
-            lines.append(f"model = {ctor.format(args)}")
-        lines.append("model.fit(x_train, y_train)")
-        if rng.random() > 0.04:  # a few forget to return the model
-            lines.append("return model")
-        bodies.add("".join(f"    {line}\n" for line in lines))
-    return sorted(bodies)
-
-
-def tiny_prompt(rng, corpus):
-    """A prompt in the shape the environment writes (dataset comments, sometimes a failed attempt and its error,
-    the instruction, the signature); the tiny model only ever sees its last TINY_WINDOW tokens."""
-    words = ["age", "income", "score", "size", "color", "count", "rate", "level", "length", "weight", "type", "class"]
-    lines = [f"# Dataset: {rng.choice(words)}_{rng.randint(0, 99)}, {rng.randint(100, 2000)} rows."]
-    for i in range(rng.randint(2, 12)):
-        kind = rng.choice([f"numeric, {rng.random():.3g} .. {rng.randint(1, 900)}",
-                           f"categorical, {rng.randint(2, 9)} values"])
-        lines.append(f"#   {i}: {rng.choice(words)}_{rng.choice(words)} ({kind})")
-    task = "# Write the body of build_model: fit a scikit-learn classifier that has predict_proba on x_train, y_train"
-    if rng.random() < 0.3:
-        failed = rng.choice(corpus).rstrip().splitlines()
-        error = rng.choice(["ValueError: bad input", "AttributeError: LinearSVC has no predict_proba", "NameError: x"])
-        lines += [task + " and return it.", "# This attempt failed:", "# def build_model(x_train, y_train):"]
-        lines += ["# " + line for line in failed] + ["# Error:", f"# line 2: {failed[-1].strip()}", "# " + error,
-                                                     "# Write a corrected version."]
-    else:
-        lines.append(task + " and return it. It is scored by ROC AUC on unseen rows.")
-    return "\n".join(lines) + "\n\ndef build_model(x_train, y_train):\n"
-
-
-TINY_WINDOW = 128  # prompt tokens the tiny model sees: the tail (signature, error, instruction)
-TINY_VERSION = 3  # bump when the recipe below changes, so cached builds are rebuilt
-
-
-def build_tiny(cache_dir=None, steps=600, seed=0):
-    """Load the tiny model from its cache folder, or build it (tokenizer, Llama, supervised warm start) once."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    corpus = tiny_corpus()
-    key = hashlib.sha256(json.dumps([corpus, steps, seed, TINY_VERSION]).encode()).hexdigest()[:12]
-    cache_dir = cache_dir or os.environ.get("ETPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "etpo"))
-    path = os.path.join(cache_dir, f"tiny-{key}")
-    if os.path.exists(os.path.join(path, "done")):
-        return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
-
-    t0 = time.time()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    prompts = [tiny_prompt(rng, corpus) for _ in range(len(corpus))]  # tokenizer training text only
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus + prompts, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    hf = LlamaForCausalLM(config)
-
-    # supervised warm start on (fresh random prompt, body) pairs: the loss is on the body and its EOS only, and the
-    # prompt and the body are encoded separately, as in a rollout
-    opt = torch.optim.AdamW(hf.parameters(), lr=3e-3, weight_decay=0.0)
-    lr_at = lambda step: 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
-    bodies = [tok(body, add_special_tokens=False).input_ids + [tok.eos_token_id] for body in corpus]
-    hf.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        batch = []
-        for body in rng.sample(bodies, 16):
-            prompt = tok(tiny_prompt(rng, corpus)).input_ids
-            prompt = prompt[:1] + prompt[1:][-(TINY_WINDOW - 1):]  # BOS + the tail, as encode_prompts does
-            batch.append((prompt + body, [-100] * len(prompt) + body))
-        L = max(len(x) for x, _ in batch)
-        ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [-100] * (L - len(y)) for _, y in batch])
-        mask = (torch.arange(L)[None] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
-        loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    hf.eval()
-    os.makedirs(path, exist_ok=True)
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    with open(os.path.join(path, "done"), "w") as f:
-        json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
-    print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
-    return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)  # as later
