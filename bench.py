@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import env
+import execution
 import etpo
 import model
 import tiny
@@ -255,7 +256,7 @@ def simulate_rollout(config, B, fake=True):
 if args.env:  # ----------------------------------------------------------------------------------------------------
     dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
     programs = [env.SIGNATURE + body for body in tiny.training_corpus()[:16]]  # varied, some broken, like a policy's
-    sandbox = env.Sandbox(workers=args.workers)
+    sandbox = execution.Sandbox(workers=args.workers)
     t0 = time.perf_counter()
     results = sandbox.run(programs, dataset)
     cold = time.perf_counter() - t0
@@ -277,7 +278,7 @@ if args.sample:  # -------------------------------------------------------------
     prompt = env.task_prompt(dataset, lm.supports_infill)
     _, _, texts = lm.generate([prompt] * 64, adapter=None, max_new_tokens=args.action_len,
                               temperature=args.temperature, stop_strings=env.STOP_STRINGS)
-    sandbox = env.Sandbox(workers=args.workers)
+    sandbox = execution.Sandbox(workers=args.workers)
     results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
     sandbox.close()
     runnable = sum(error is None for _, error in results)

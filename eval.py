@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import env
+import execution
 import etpo
 import model
 
@@ -202,7 +203,7 @@ def main():
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
-    sandbox = env.Sandbox()
+    sandbox = execution.Sandbox()
     methods = policies + list(BASELINES)
     results = []  # one row per dataset, method and seed
     for name in args.datasets.split(","):

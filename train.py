@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import env
+import execution
 import etpo
 import model
 import ppo_kl
@@ -145,7 +146,7 @@ device = lm.device
 if args.cuda_graph and device.type != "cuda":
     fail(f"--cuda-graph needs a CUDA GPU and this run is on the {device.type}: drop the flag")
 generator = torch.Generator(device=device).manual_seed(args.seed)  # the rollouts' sampling
-sandbox = env.Sandbox(workers=args.workers)
+sandbox = execution.Sandbox(workers=args.workers)
 coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_steps, sandbox=sandbox,
                            infill=lm.supports_infill, timeout=args.timeout)
 if args.algo == "etpo":

@@ -1,7 +1,8 @@
 """
-env.py: datasets load offline through the real openml client (a temporary copy of ../shared/data/openml-cache),
-rewards equal ROC AUC computed directly with scikit-learn, and a zoo of bad programs each returns -1 with a
-useful error within its limits while the test process lives on; prompts and the step limit of the MDP.
+env.py and execution.py: datasets load offline through the real openml client (a temporary copy of
+../shared/data/openml-cache), rewards equal ROC AUC computed directly with scikit-learn, and a zoo of bad programs
+each returns -1 with a useful error within its limits while the test process lives on; prompts and the step limit of
+the MDP.
 
 Run: python -m pytest tests/test_env.py -q
 """
@@ -18,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 import env
+import execution
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not beside this checkout")
@@ -36,7 +38,7 @@ def body(code):
 
 @pytest.fixture(scope="module")
 def sandbox():
-    sb = env.Sandbox(workers=2, memory_mb=2048)
+    sb = execution.Sandbox(workers=2, memory_mb=2048)
     yield sb
     sb.close()
 
@@ -124,7 +126,7 @@ def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
 
 
 def test_execute_is_the_public_one_call_form(iris):
-    reward, error = env.execute(GOOD, iris, timeout=30)
+    reward, error = execution.execute(GOOD, iris, timeout=30)
     assert error is None and 0.9 < reward <= 1.0
 
 
@@ -182,7 +184,7 @@ def test_children_left_running_are_killed_and_an_open_pipe_does_not_stall(sandbo
 
 
 def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
-    sb = env.Sandbox(workers=1)
+    sb = execution.Sandbox(workers=1)
     try:
         reward, error = sb.run([body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")], iris, timeout=5)[0]
         assert reward == -1.0 and "sandbox" in error

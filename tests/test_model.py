@@ -499,12 +499,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_tiny_preset_samples_runnable_and_varied_code(lm):
     """Floors set from the measurement in the README (about 31-48% runnable, ~60 distinct of 64 at temperature 1)."""
     import env
+    import execution
 
     dataset = env.load_dataset("breast_cancer")
     torch.manual_seed(0)
     _, _, texts = lm.generate([env.task_prompt(dataset)] * 64, adapter=None, max_new_tokens=128, temperature=1.0,
                               stop_strings=env.STOP_STRINGS)
-    sandbox = env.Sandbox(workers=2)
+    sandbox = execution.Sandbox(workers=2)
     try:
         results = sandbox.run([env.program(t) for t in texts], dataset)
     finally:

@@ -1,0 +1,321 @@
+"""
+Run untrusted code: each program in its own process, with limits, and its ROC AUC as the reward.
+
+Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
+arXiv 2402.06700, section 5.1; ../shared/ETPO.md section 1. env.py defines the MDP; this file runs its actions.
+A program defines `build_model(x_train, y_train)`; its reward is the mean ROC AUC over 5 random 50/50 splits
+(seed i for split i; binary: probability of the positive class; multi-class: one-vs-one macro), or -1 and the
+error, as a model can use it, when it fails.
+
+Generated code is untrusted. Each program runs in its own process, forked from a server process that has
+scikit-learn imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is
+never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process
+group (killed as a whole when it ends or times out, children included), a wall-clock timeout, a CPU-time limit,
+an address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
+HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread, fixed
+random seeds, and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
+directory. The trainer talks to the server through a pipe with a deadline and restarts it if it dies.
+It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
+process that calls setsid leaves the process group, reading files and using the network are allowed. Run
+untrusted models in a container or VM if that matters to you.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The server's side: it runs in the server process and its forked children
+
+
+def _score(source, data, heldout):
+    """ROC AUC of build_model, mean over 5 random 50/50 splits (seed i), or on the held-out rows."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    X, y, X_test, y_test = data
+    n_classes = int(max(y.max(), y_test.max())) + 1
+    namespace = {"__name__": "generated"}
+    exec(compile(source, "<generated>", "exec"), namespace)
+    if not callable(namespace.get("build_model")):
+        raise NameError("the code does not define build_model(x_train, y_train)")
+    if heldout:
+        splits = [(X, X_test, y, y_test)]
+    else:
+        stratify = y if np.bincount(y).min() >= 2 else None
+        splits = [train_test_split(X, y, test_size=0.5, random_state=i, stratify=stratify) for i in range(5)]
+    aucs = []
+    for x_tr, x_va, y_tr, y_va in splits:
+        model = namespace["build_model"](x_tr.copy(), y_tr.copy())
+        if model is None:
+            raise ValueError("build_model returned None; end the body with `return model`")
+        if not hasattr(model, "predict_proba"):
+            raise AttributeError(f"{type(model).__name__} has no predict_proba; use a classifier that has it")
+        proba = np.asarray(model.predict_proba(x_va), dtype=float)
+        if proba.shape != (len(x_va), n_classes):
+            raise ValueError(f"predict_proba returned shape {proba.shape}, expected ({len(x_va)}, {n_classes})")
+        if n_classes == 2:
+            aucs.append(roc_auc_score(y_va, proba[:, 1]))  # binary: probability of the positive class
+        else:  # multi-class: one-vs-one macro AUC
+            proba = proba / proba.sum(1, keepdims=True)
+            aucs.append(roc_auc_score(y_va, proba, multi_class="ovo", average="macro", labels=list(range(n_classes))))
+    return float(np.mean(aucs))
+
+
+def _error_text(e, source):
+    """The error as a model can use it: the failing line of the body (line 1 = its first line), then `Type: message`."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "<generated>"]
+    lineno = e.lineno if isinstance(e, SyntaxError) else frames[-1].lineno if frames else None
+    lines = source.splitlines()
+    where = f"line {lineno - 1}: {lines[lineno - 1].strip()}\n" if lineno and 0 < lineno <= len(lines) else ""
+    message = str(e) if not isinstance(e, SystemExit) else f"the code called sys.exit({e.code!r})"
+    return (where + f"{type(e).__name__}: {message}")[:1000]
+
+
+def _write_guard(scratch):
+    """An audit hook (PEP 578) that refuses file writes, deletions and renames outside the scratch directory."""
+    allowed = [os.path.realpath(p) for p in (scratch, os.devnull, "/dev/shm")]
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "shutil.rmtree", "os.chmod",
+                   "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime", "shutil.move", "shutil.copyfile"}
+
+    def outside(path):
+        if path is None or isinstance(path, int):
+            return False
+        p = os.path.realpath(os.fsdecode(path))
+        return not any(p == a or p.startswith(a + os.sep) for a in allowed)
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
+            if writing and outside(path):
+                raise PermissionError(f"writing to {path} is not allowed; write only in the working directory")
+        elif event in path_events and any(outside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            raise PermissionError(f"{event} outside the working directory is not allowed")
+
+    return hook
+
+
+def _child(job, data, scratch, result_fd, memory_mb, max_output):
+    """Runs in the forked child: isolate, limit, score, write one JSON line to result_fd, exit."""
+    reward, error = -1.0, None
+    try:
+        os.setsid()  # own session and process group: the server kills the whole group
+        os.chdir(scratch)
+        out = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file limit raises instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output, max_output))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        cpu = int(job["timeout"]) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.environ.update(TMPDIR=scratch, HOME=scratch)
+        tempfile.tempdir = scratch
+        random.seed(0)
+        np.random.seed(0)  # models without random_state become deterministic, so rewards can be cached
+        sys.addaudithook(_write_guard(scratch))
+        reward = _score(job["source"], data, job["heldout"])
+    except BaseException as e:  # SystemExit and KeyboardInterrupt included: the program must not end the child
+        reward, error = -1.0, _error_text(e, job["source"])
+    os.write(result_fd, (json.dumps({"reward": reward, "error": error}) + "\n").encode())
+    os._exit(0)
+
+
+def _finish(status, timed_out, raw, scratch, job):
+    """(reward, error) from the child's exit status and what it wrote."""
+    try:
+        result = json.loads(raw.decode().splitlines()[0])
+        reward, error = float(result["reward"]), result["error"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        reward, error = -1.0, None
+        if timed_out:
+            error = f"TimeoutError: the code ran longer than {job['timeout']} seconds"
+        elif os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status))
+            why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGSEGV: " (a crash in native code)"}.get(sig, "")
+            error = f"the process was killed by {sig.name}{why}"
+        else:
+            error = f"the process exited with code {os.WEXITSTATUS(status)} before build_model returned"
+    if error is None and not (reward == reward and abs(reward) != float("inf")):
+        reward, error = -1.0, f"the score is {reward}; predict_proba must return finite probabilities"
+    if error is not None:
+        try:
+            with open(os.path.join(scratch, "output.txt"), "rb") as f:
+                f.seek(max(0, os.path.getsize(f.name) - 400))
+                tail = f.read().decode(errors="replace").strip()
+            if tail and "Traceback" not in tail:
+                error += "\nOutput (last lines):\n" + tail
+        except OSError:
+            pass
+    return reward, error
+
+
+def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
+    """Fork up to `workers` children at a time; kill each process group at exit or timeout; never wait on EOF."""
+    pending, running, results = list(enumerate(jobs)), {}, [None] * len(jobs)
+    while pending or running:
+        while pending and len(running) < workers:
+            i, job = pending.pop(0)
+            scratch = tempfile.mkdtemp(prefix="etpo-run-")
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                _child(job, datasets[job["dataset"]], scratch, w, memory_mb, max_output)
+            os.close(w)
+            os.set_blocking(r, False)
+            running[pid] = (i, job, r, scratch, time.monotonic(), bytearray())
+        for pid, (i, job, r, scratch, start, buf) in list(running.items()):
+            _drain(r, buf)
+            done_pid, status = os.waitpid(pid, os.WNOHANG)
+            timed_out = not done_pid and time.monotonic() - start > job["timeout"]
+            if not done_pid and not timed_out:
+                continue
+            for kill in (os.killpg, os.kill):  # the group: children the program left running die with it
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not done_pid:
+                _, status = os.waitpid(pid, 0)
+            _drain(r, buf)
+            os.close(r)
+            results[i] = _finish(status, timed_out, bytes(buf), scratch, job)
+            shutil.rmtree(scratch, ignore_errors=True)
+            del running[pid]
+        time.sleep(0.005)
+    return results
+
+
+def _drain(fd, buf, limit=1 << 16):
+    while len(buf) < limit:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        buf.extend(chunk)
+
+
+def _serve():
+    """The server: import scikit-learn once, then answer requests (length-prefixed pickles) from the trainer."""
+    import sklearn.ensemble, sklearn.linear_model, sklearn.metrics, sklearn.model_selection  # noqa: E401,F401
+    import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
+
+    sys.dont_write_bytecode = True
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the reply pipe
+    datasets = {}
+    while True:
+        request = _recv(inp)
+        if request is None:
+            return
+        datasets.update(request["datasets"])
+        _send(out, _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"]))
+
+
+def _send(f, obj):
+    data = pickle.dumps(obj)
+    f.write(struct.pack("<Q", len(data)) + data)
+    f.flush()
+
+
+def _recv(f):
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    return pickle.loads(f.read(struct.unpack("<Q", head)[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's side: a sandbox with a reward cache
+
+
+class Sandbox:
+    """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
+
+    def __init__(self, workers=None, memory_mb=4096):
+        self.workers, self.memory_mb = workers or os.cpu_count() or 1, memory_mb
+        self.proc, self.sent, self.cache = None, set(), {}
+
+    def _start(self):
+        thread_env = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env={**os.environ, **thread_env}, start_new_session=True)
+        self.sent = set()
+
+    def run(self, sources, dataset, heldout=False, timeout=60.0):
+        """[(reward, error)] for each source, which defines build_model(x_train, y_train)."""
+        keys = [hashlib.sha256(f"{s}\0{dataset.key}\0{heldout}\0{timeout}\0seeds=0-4".encode()).hexdigest()
+                for s in sources]
+        todo = sorted({k: s for k, s in zip(keys, sources) if k not in self.cache}.items())
+        if todo:
+            jobs = [{"source": s, "dataset": dataset.key, "heldout": heldout, "timeout": timeout} for _, s in todo]
+            for (k, _), result in zip(todo, self._request(jobs, dataset, timeout)):
+                self.cache[k] = result
+        return [self.cache[k] for k in keys]
+
+    def _request(self, jobs, dataset, timeout):
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        new = {} if dataset.key in self.sent else {dataset.key: (dataset.X, dataset.y, dataset.X_test, dataset.y_test)}
+        deadline = time.monotonic() + 30 + (len(jobs) // self.workers + 1) * (timeout + 5)
+        try:
+            request = {"datasets": new, "jobs": jobs, "workers": self.workers, "memory_mb": self.memory_mb}
+            _send(self.proc.stdin, request)
+            self.sent.add(dataset.key)
+            while time.monotonic() < deadline:
+                if select.select([self.proc.stdout], [], [], 1.0)[0]:
+                    results = _recv(self.proc.stdout)
+                    if results is not None:
+                        return results
+                    break
+        except (BrokenPipeError, OSError, EOFError, pickle.UnpicklingError):
+            pass
+        self.close()  # the server died or stalled: every program of this batch fails, the next batch restarts it
+        return [(-1.0, "the sandbox stopped responding while running this batch")] * len(jobs)
+
+    def close(self):
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            self.proc = None
+
+
+_SANDBOX = None
+
+
+def execute(source, dataset, timeout=60.0, heldout=False):
+    """(reward, error) of one program that defines build_model(x_train, y_train); error is None when it ran."""
+    global _SANDBOX
+    _SANDBOX = _SANDBOX or Sandbox()
+    return _SANDBOX.run([source], dataset, heldout=heldout, timeout=timeout)[0]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
