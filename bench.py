@@ -32,8 +32,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import env
-import execution
 import etpo
+import execution
 import model
 import tiny
 

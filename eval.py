@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 import env
-import execution
 import etpo
+import execution
 import model
 
 parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets and seeds, and more.")

@@ -18,6 +18,8 @@ directory. The trainer talks to the server through a pipe with a deadline and re
 It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
 process that calls setsid leaves the process group, reading files and using the network are allowed. Run
 untrusted models in a container or VM if that matters to you.
+
+Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
 
 import hashlib

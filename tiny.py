@@ -5,8 +5,10 @@ that RL on a laptop has something to learn from: the reference already writes ru
 what ETPO changes is how often (README, "The CPU demo").
 
 `model.load("tiny")` calls build(), which trains once and caches the result in ~/.cache/etpo (or $ETPO_CACHE);
-the folder's name hashes the recipe, so a change to it builds a new model. Nothing here is part of the paper: the
-paper starts from CodeLlama-7B, which needs a GPU and a download.
+the folder's name hashes the recipe, so a change to it builds a new model.
+
+Departures from the paper: the whole file is one. The paper starts from CodeLlama-7B, which needs a GPU and a
+download; the tiny preset also has its own training defaults (README, "Departures from the paper", 4).
 """
 
 import hashlib

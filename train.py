@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import env
-import execution
 import etpo
+import execution
 import model
 import ppo_kl
 
