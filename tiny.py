@@ -1,5 +1,5 @@
 """
-The `tiny` preset: a 2-layer Llama and its own byte-level BPE tokenizer, built offline on a CPU in about 40 s and
+The `tiny` preset: a 2-layer Llama and its own byte-level BPE tokenizer, built offline on a CPU in 40-60 s and
 warm-started by supervised training on short scikit-learn `build_model` bodies (good, weak and a few broken), so
 that RL on a laptop has something to learn from: the reference already writes runnable programs now and then, and
 what ETPO changes is how often (README, "The CPU demo").
