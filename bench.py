@@ -49,6 +49,8 @@ parser.add_argument("--profile", action="store_true", help="also print torch.pro
                     "and of an update")
 parser.add_argument("--memory", action="store_true", help="simulate the memory of an update and a rollout "
                     "on fake tensors (any machine)")
+parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
+                    "torch's fused one (model.torch_rms_norm): the figures before it")
 parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for --memory's largest B (80 GB H100: 78)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
@@ -207,7 +209,8 @@ class Allocations(TorchDispatchMode):
 
 def random_lm(config):
     """An AdapterLM of this architecture with random bf16 weights, on the CPU (shapes only under FakeTensorMode)."""
-    return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type)
+    return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type,
+                           fused_norm=not args.transformers_norm)
 
 
 def simulate(config, B, checkpointing=False, fake=True, shared=False):
@@ -417,13 +420,14 @@ def copy_bandwidth(nbytes):
 peak_flops = matmul_rate(8192 if cuda else 1024)
 bandwidth = copy_bandwidth(2**30 if cuda else 2**26)
 
-lm = model.load(name, device=device)
+lm = model.load(name, device=device, fused_norm=not args.transformers_norm)
 cfg = lm.hf.config
 V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
 weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())
 linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
 print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights, "
-      f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)")
+      f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)"
+      + (", transformers' RMSNorm" if args.transformers_norm else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,9 +80,22 @@ class LoRALinear(nn.Module):
 # 2. AdapterLM: the base model, its tokenizer and the adapters
 
 
+def torch_rms_norm(norm):
+    """torch.nn.RMSNorm with this Llama RMSNorm's weight and epsilon: the same y = w * x / sqrt(mean(x^2) + eps)
+    computed in float32 (bit for bit when x is float32), which torch runs on a CUDA GPU as one kernel
+    (aten._fused_rms_norm) that keeps x and 1 / sqrt(mean(x^2) + eps) for the backward. transformers' runs eight
+    kernels forward, each a pass over the activations, and keeps a float32 copy of x. In bf16 torch's rounds once
+    where transformers' rounds twice (x / rms, then w times it); on a CPU both are the same eight operations."""
+    fused = nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
+    fused.weight = norm.weight  # the same frozen parameter
+    return fused
+
+
 class AdapterLM(nn.Module):
     def __init__(self, hf_model, tokenizer, r=16, alpha=32, targets=LLAMA_TARGETS, adapters=ADAPTERS, name="",
-                 max_prompt_tokens=None):
+                 max_prompt_tokens=None, fused_norm=True):
+        """Wraps every linear layer named in `targets` in a LoRALinear; fused_norm=True also runs each Llama RMSNorm
+        as torch's (see torch_rms_norm), False keeps transformers' own."""
         super().__init__()
         self.hf, self.tokenizer, self.name, self.max_prompt_tokens = hf_model, tokenizer, name, max_prompt_tokens
         self.anchor = None  # see decode()
@@ -98,6 +111,8 @@ class AdapterLM(nn.Module):
                     lora = LoRALinear(child, adapters, r, alpha)
                     setattr(module, child_name, lora)
                     self.layers.append(lora)
+                elif fused_norm and type(child).__name__ == "LlamaRMSNorm":
+                    setattr(module, child_name, torch_rms_norm(child))
         if not self.layers:
             raise ValueError(f"no linear layer named {list(targets)} in {name}: pass --lora-targets for this model")
         config = self.hf.config
@@ -457,9 +472,10 @@ def graph_step(forward):
 
 
 def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
-         checkpointing=False, adapters=ADAPTERS):
+         checkpointing=False, adapters=ADAPTERS, fused_norm=True):
     """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
-    checkpointing=True recomputes each block's activations in the backward pass (less memory, ~30% more compute)."""
+    checkpointing=True recomputes each block's activations in the backward pass (less memory, ~30% more compute);
+    fused_norm=False keeps transformers' RMSNorm (see torch_rms_norm)."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -467,15 +483,14 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":  # the float32 head (AdapterLM.head) multiplies bf16 values, which TF32 holds exactly
         torch.backends.cuda.matmul.allow_tf32 = True
+    options = dict(r=r, alpha=alpha, targets=targets, adapters=adapters, name=name, fused_norm=fused_norm)
     if name == "tiny":
         hf, tok = tiny.build(cache_dir)
-        lm = AdapterLM(hf.to(device), tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name,
-                       max_prompt_tokens=tiny.WINDOW)
+        lm = AdapterLM(hf.to(device), tok, max_prompt_tokens=tiny.WINDOW, **options)
     elif name == "codellama-7b-arch":
         if device.type != "cuda":
             raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
-        lm = AdapterLM(build_random(codellama_7b_config(), device), None, r=r, alpha=alpha, targets=targets,
-                       adapters=adapters, name=name)
+        lm = AdapterLM(build_random(codellama_7b_config(), device), None, **options)
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -492,7 +507,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
         hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree
-        lm = AdapterLM(hf, tok, r=r, alpha=alpha, targets=targets, adapters=adapters, name=name)
+        lm = AdapterLM(hf, tok, **options)
     if checkpointing:
         checkpoint_activations(lm.hf)
     return lm

@@ -267,6 +267,44 @@ def test_the_float32_head_keeps_q_accurate_when_the_base_runs_in_bf16():
     assert head_error < 0.6 * rounded_error, (head_error, rounded_error)  # equal if the head rounded to bf16
 
 
+def test_torch_rms_norm_is_transformers_norm_bit_for_bit_in_float32_and_rounds_once_in_bf16():
+    import copy
+
+    lms = {}
+    for fused_norm in (False, True):
+        torch.manual_seed(0)  # the same LoRA A init in both models
+        lms[fused_norm] = lm = model.load("tiny", device="cpu", fused_norm=fused_norm)
+        with torch.no_grad():
+            for p in lm.adapter_params("policy")[1::2]:
+                p.normal_(std=0.02)  # nonzero B, so gradients reach A too
+        norms = [type(m).__name__ for m in lm.hf.modules() if "RMSNorm" in type(m).__name__]
+        assert norms == (["RMSNorm"] if fused_norm else ["LlamaRMSNorm"]) * 5  # 2 per block, 2 blocks, and the last
+    logits, grads = [], []
+    for lm in lms.values():
+        batch = some_actions(lm)
+        with lm.adapter("policy"):
+            logits.append(lm.action_logits(*batch))
+            logits[-1].logsumexp(-1).sum().backward()
+        grads.append([p.grad for p in lm.adapter_params("policy")])
+    assert torch.equal(*logits)  # the same float32 operations: the CPU demo's numbers do not move
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # in bf16 torch's multiplies by w before it rounds, transformers' after it rounded x / rms: torch's is nearer the
+    # float64 truth, and never further than one bf16 step from transformers'
+    x = torch.randn(256, 96, generator=torch.Generator().manual_seed(0)).bfloat16() * 3  # (rows, d)
+    outputs = {}
+    for fused_norm, lm in lms.items():
+        norm = copy.deepcopy(lm.hf.model.norm).bfloat16()
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 96))  # a weight that is not all ones
+            outputs[fused_norm] = norm(x).double()
+    w, eps = torch.linspace(0.5, 2.0, 96).bfloat16().double(), lm.hf.config.rms_norm_eps
+    truth = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
+    error = {f: (y - truth).abs().mean() for f, y in outputs.items()}
+    assert error[True] < 0.9 * error[False], error
+    step = 2.0 ** (torch.floor(torch.log2(truth.abs())) - 7)  # one bf16 step at each value (8 significant bits)
+    assert ((outputs[True] - outputs[False]).abs() <= step).all()
+
+
 class ReadBacks(TorchDispatchMode):
     """Counts the values read back to Python (.item(), int(t), bool(t): aten._local_scalar_dense), those inside each
     call of the model's forward apart from the others. On a GPU each one waits until the device has finished
