@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import env
 import etpo
@@ -486,6 +487,19 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
     if variant == "static cache" and "static cache + CUDA graph" in tok_s:  # the same kernels and bytes, replayed
         row(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
             f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+
+# one RMSNorm at CodeLlama's width, counted: transformers' and torch's (model.torch_rms_norm, one fused kernel each
+# way on a GPU), in bf16; a 7B forward runs 65 of them per token
+for label, norm in (("transformers'", LlamaRMSNorm(4096)), ("torch's", model.torch_rms_norm(LlamaRMSNorm(4096)))):
+    norm.to(device, torch.bfloat16).requires_grad_(False)  # frozen, as in the model
+    x = torch.randn(1024, 4096, device=device, dtype=torch.bfloat16, requires_grad=True)  # (tokens, d)
+    grad = torch.randn_like(x)
+    with Operators() as forward:
+        y = norm(x)
+    with Operators() as backward:
+        y.backward(grad)
+    row(f"| RMSNorm, {label}, bf16 | {forward.kernels} kernels forward, {backward.kernels} backward | "
+        f"{forward.bytes / x.numel():.0f} + {backward.bytes / x.numel():.0f} bytes moved per value | |")
 
 # the rollout at the last B when all rows have one prompt (an episode's first step): with a prefill per row, then
 # with one prefill in all (sample_ids' prompts)

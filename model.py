@@ -11,7 +11,7 @@ What a reader finds here, top to bottom:
 1. LoRA written out: y = W x + (alpha / r) * B A x with B = 0 at init (Hu et al., arXiv 2106.09685).
 2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only (LM head in
    float32; rows with one prompt run it once), batched sampling with a static KV cache, save / load adapters
-   without the base weights.
+   without the base weights; torch's fused RMSNorm in place of transformers'.
 3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (tiny.py: built
    offline and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
    (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
@@ -82,10 +82,11 @@ class LoRALinear(nn.Module):
 
 def torch_rms_norm(norm):
     """torch.nn.RMSNorm with this Llama RMSNorm's weight and epsilon: the same y = w * x / sqrt(mean(x^2) + eps)
-    computed in float32 (bit for bit when x is float32), which torch runs on a CUDA GPU as one kernel
-    (aten._fused_rms_norm) that keeps x and 1 / sqrt(mean(x^2) + eps) for the backward. transformers' runs eight
-    kernels forward, each a pass over the activations, and keeps a float32 copy of x. In bf16 torch's rounds once
-    where transformers' rounds twice (x / rms, then w times it); on a CPU both are the same eight operations."""
+    computed in float32 (bit for bit when x is float32). On a CUDA GPU torch runs it as one fused kernel each way
+    (aten._fused_rms_norm, pytorch/pytorch#153666), which keeps x and 1 / sqrt(mean(x^2) + eps) for the backward;
+    transformers' runs 8 kernels forward and 14 backward, each a pass over the activations, and keeps a float32
+    copy of x. In bf16 torch's rounds once where transformers' rounds twice (x / rms, then w times it). On a CPU
+    torch's is the same operations as transformers' (README, "One kernel per RMSNorm")."""
     fused = nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
     fused.weight = norm.weight  # the same frozen parameter
     return fused

@@ -34,6 +34,12 @@ def test_model_benchmark_on_cpu():
         assert int(row.group(1).replace(",", "")) > 50
         moved[cache] = float(row.group(2))
     assert moved["static"] < moved["dynamic"]  # the dynamic cache copies itself at every step
+    norm = {}  # one bf16 RMSNorm, counted: torch's (fused on a GPU, the same operations on a CPU) is never more
+    for label in ("transformers'", "torch's"):
+        row = re.search(rf"\| RMSNorm, {label}, bf16 \| (\d+) kernels forward, (\d+) backward \| (\d+) \+ (\d+) "
+                        r"bytes moved per value", out)
+        norm[label] = tuple(map(int, row.groups()))
+    assert 1 <= norm["torch's"][0] <= norm["transformers'"][0] and 1 <= norm["torch's"][1] <= norm["transformers'"][1]
     assert re.search(r"\| rollout B=2, one shared prompt, one prefill \| [\d,]+ tok/s \| [\d.]+x the speed", out)
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
     assert re.search(r"\| update B=2, one shared prompt, \d+ rows per sequence \| [\d,]+ ms \| [\d.]+x the speed", out)
