@@ -3,7 +3,8 @@ model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exa
 of each other, gradients reach only the active adapter, adapters round-trip through a file, cached sampling (static
 and dynamic KV cache) equals uncached greedy decoding, a decode step recorded once and replayed (a CUDA graph's
 semantics, emulated on the CPU) samples the same tokens, the action-position logits are the same slice of the full
-logits, and CodeLlama's infilling format is built, decoded and stopped as the environment needs.
+logits, torch's RMSNorm computes transformers' to the bit in float32, and CodeLlama's infilling format is built,
+decoded and stopped as the environment needs.
 
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
@@ -290,14 +291,16 @@ def test_torch_rms_norm_is_transformers_norm_bit_for_bit_in_float32_and_rounds_o
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     # in bf16 torch's multiplies by w before it rounds, transformers' after it rounded x / rms: torch's is nearer the
     # float64 truth, and never further than one bf16 step from transformers'
-    x = torch.randn(256, 96, generator=torch.Generator().manual_seed(0)).bfloat16() * 3  # (rows, d)
+    d, eps = lm.hf.config.hidden_size, lm.hf.config.rms_norm_eps
+    x = torch.randn(256, d, generator=torch.Generator().manual_seed(0)).bfloat16() * 3  # (rows, d)
+    w = torch.linspace(0.5, 2.0, d).bfloat16()  # a weight that is not all ones
     outputs = {}
     for fused_norm, lm in lms.items():
         norm = copy.deepcopy(lm.hf.model.norm).bfloat16()
         with torch.no_grad():
-            norm.weight.copy_(torch.linspace(0.5, 2.0, 96))  # a weight that is not all ones
+            norm.weight.copy_(w)
             outputs[fused_norm] = norm(x).double()
-    w, eps = torch.linspace(0.5, 2.0, 96).bfloat16().double(), lm.hf.config.rms_norm_eps
+    w = w.double()
     truth = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
     error = {f: (y - truth).abs().mean() for f, y in outputs.items()}
     assert error[True] < 0.9 * error[False], error
