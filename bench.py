@@ -276,7 +276,8 @@ if args.env:  # ----------------------------------------------------------------
 if args.sample:  # -------------------------------------------------------------------------------------------------
     dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
     t0 = time.perf_counter()
-    lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device)
+    lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
+                    fused_norm=not args.transformers_norm)
     load_s = time.perf_counter() - t0
     torch.manual_seed(0)
     prompt = env.task_prompt(dataset, lm.supports_infill)
@@ -298,7 +299,7 @@ if args.numerics:  # -----------------------------------------------------------
     # head that model.py uses and with logits rounded to bf16 as the model itself would return them
     ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
     config = ckpt["config"]
-    lm32 = model.from_checkpoint(ckpt["adapters"], device)
+    lm32 = model.from_checkpoint(ckpt["adapters"], device, fused_norm=not args.transformers_norm)
     lm32.hf.float()
     lm16 = copy.deepcopy(lm32)
     lm16.hf.to(torch.bfloat16)

@@ -526,12 +526,12 @@ def checkpoint_activations(hf):
     hf.train()
 
 
-def from_checkpoint(adapter_state, device=None):
+def from_checkpoint(adapter_state, device=None, fused_norm=True):
     """The AdapterLM that train.py's checkpoint["adapters"] describes (base model, LoRA shape, adapter names), with
     those adapters loaded."""
     lora = adapter_state["lora"]
     lm = load(adapter_state["model"], device=device, r=lora["r"], alpha=lora["alpha"], targets=lora["targets"],
-              adapters=tuple(adapter_state["weights"]))
+              adapters=tuple(adapter_state["weights"]), fused_norm=fused_norm)
     lm.load_adapter_state(adapter_state)
     return lm
 
