@@ -489,8 +489,8 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
         row(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
             f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
-# one RMSNorm at CodeLlama's width, counted: transformers' and torch's (model.torch_rms_norm, one fused kernel each
-# way on a GPU), in bf16; a 7B forward runs 65 of them per token
+# one RMSNorm at CodeLlama's width, counted: transformers' and torch's (model.torch_rms_norm, a fused kernel forward
+# and backward on a GPU), in bf16; a 7B forward runs 65 of them per token
 for label, norm in (("transformers'", LlamaRMSNorm(4096)), ("torch's", model.torch_rms_norm(LlamaRMSNorm(4096)))):
     norm.to(device, torch.bfloat16).requires_grad_(False)  # frozen, as in the model
     x = torch.randn(1024, 4096, device=device, dtype=torch.bfloat16, requires_grad=True)  # (tokens, d)

@@ -82,11 +82,11 @@ class LoRALinear(nn.Module):
 
 def torch_rms_norm(norm):
     """torch.nn.RMSNorm with this Llama RMSNorm's weight and epsilon: the same y = w * x / sqrt(mean(x^2) + eps)
-    computed in float32 (bit for bit when x is float32). On a CUDA GPU torch runs it as one fused kernel each way
-    (aten._fused_rms_norm, pytorch/pytorch#153666), which keeps x and 1 / sqrt(mean(x^2) + eps) for the backward;
+    computed in float32 (bit for bit when x is float32). On a CUDA GPU torch runs it as a fused kernel forward and
+    backward (aten._fused_rms_norm, pytorch/pytorch#153666), keeping x and 1 / sqrt(mean(x^2) + eps) in between;
     transformers' runs 8 kernels forward and 14 backward, each a pass over the activations, and keeps a float32
     copy of x. In bf16 torch's rounds once where transformers' rounds twice (x / rms, then w times it). On a CPU
-    torch's is the same operations as transformers' (README, "One kernel per RMSNorm")."""
+    torch's is the same operations as transformers' (README, "A fused RMSNorm")."""
     fused = nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
     fused.weight = norm.weight  # the same frozen parameter
     return fused
