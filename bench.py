@@ -61,6 +61,7 @@ parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
 args = parser.parse_args()
+fused_norm = not args.transformers_norm  # model.torch_rms_norm's fused RMSNorm, as train.py runs
 started = time.perf_counter()
 cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
@@ -211,7 +212,7 @@ class Allocations(TorchDispatchMode):
 def random_lm(config):
     """An AdapterLM of this architecture with random bf16 weights, on the CPU (shapes only under FakeTensorMode)."""
     return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type,
-                           fused_norm=not args.transformers_norm)
+                           fused_norm=fused_norm)
 
 
 def simulate(config, B, checkpointing=False, fake=True, shared=False):
@@ -277,7 +278,7 @@ if args.sample:  # -------------------------------------------------------------
     dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
     t0 = time.perf_counter()
     lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
-                    fused_norm=not args.transformers_norm)
+                    fused_norm=fused_norm)
     load_s = time.perf_counter() - t0
     torch.manual_seed(0)
     prompt = env.task_prompt(dataset, lm.supports_infill)
@@ -299,7 +300,7 @@ if args.numerics:  # -----------------------------------------------------------
     # head that model.py uses and with logits rounded to bf16 as the model itself would return them
     ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
     config = ckpt["config"]
-    lm32 = model.from_checkpoint(ckpt["adapters"], device, fused_norm=not args.transformers_norm)
+    lm32 = model.from_checkpoint(ckpt["adapters"], device, fused_norm=fused_norm)
     lm32.hf.float()
     lm16 = copy.deepcopy(lm32)
     lm16.hf.to(torch.bfloat16)
@@ -422,7 +423,7 @@ def copy_bandwidth(nbytes):
 peak_flops = matmul_rate(8192 if cuda else 1024)
 bandwidth = copy_bandwidth(2**30 if cuda else 2**26)
 
-lm = model.load(name, device=device, fused_norm=not args.transformers_norm)
+lm = model.load(name, device=device, fused_norm=fused_norm)
 cfg = lm.hf.config
 V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
 weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())
