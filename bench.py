@@ -2,7 +2,7 @@
 Measure ETPO's hot loop against the machine's own limits (in the spirit of nanoGPT's bench.py).
 
 On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact shapes, random bf16 weights, no
-download) and reports: rollout tokens/s with the static KV cache that model.py uses and with transformers' dynamic
+download) and reports: rollout tokens/s with the static KV cache that sampling.py uses and with transformers' dynamic
 one, against the decode roofline (weight bytes per step over the HBM bandwidth measured here); the kernels and the
 bytes moved per decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO
 update against the bf16 matmul rate measured here; peak memory of both, the largest batch that fits, and the
@@ -36,6 +36,7 @@ import env
 import etpo
 import execution
 import model
+import sampling
 import tiny
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
@@ -252,7 +253,7 @@ def simulate_rollout(config, B, fake=True):
         lm = random_lm(config)
         prompt_ids, prompt_mask = random_prompts(lm, B, args.prompt_len, padded=True)
         try:
-            lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len)
+            sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len)
         except DataDependentOutputException:
             assert fake
         return memory.peak
@@ -282,8 +283,8 @@ if args.sample:  # -------------------------------------------------------------
     load_s = time.perf_counter() - t0
     torch.manual_seed(0)
     prompt = env.task_prompt(dataset, lm.supports_infill)
-    _, _, texts = lm.generate([prompt] * 64, adapter=None, max_new_tokens=args.action_len,
-                              temperature=args.temperature, stop_strings=env.STOP_STRINGS)
+    _, _, texts = sampling.generate(lm, [prompt] * 64, adapter=None, max_new_tokens=args.action_len,
+                                    temperature=args.temperature, stop_strings=env.STOP_STRINGS)
     sandbox = execution.Sandbox(workers=args.workers)
     results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
     sandbox.close()
@@ -310,7 +311,7 @@ if args.numerics:  # -----------------------------------------------------------
     dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache)
     prompts = [env.task_prompt(dataset, lm32.supports_infill)] * 16
     torch.manual_seed(0)
-    tokens, lengths, _ = lm32.generate(prompts, max_new_tokens=64)
+    tokens, lengths, _ = sampling.generate(lm32, prompts, max_new_tokens=64)
     prompt_ids, prompt_mask = lm32.encode_prompts(prompts)
     mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).long()
     action = (prompt_ids, prompt_mask, tokens, mask)
@@ -442,7 +443,7 @@ def row(line):  # each row as soon as it is measured: a run stopped at a time li
 
 
 row("| what | figure | against | peak memory |\n|---|---|---|---|")
-# model.py's default, transformers' torch.cat cache for comparison, and on a GPU the static cache replayed as a
+# sampling.py's default, transformers' torch.cat cache for comparison, and on a GPU the static cache replayed as a
 # CUDA graph (last: it had never run on a GPU when this was written, and a failure must not cost the other figures)
 variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"}}
 if cuda:
@@ -458,8 +459,8 @@ for variant, options in variants.items():
 
         def rollout():  # the same seed for every variant, so they sample the same tokens
             generator = torch.Generator(device).manual_seed(0)
-            lengths.append(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                         generator=generator, **options)[1])
+            lengths.append(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len,
+                                               temperature=1.0, generator=generator, **options)[1])
 
         try:
             seconds = timed(rollout, args.iters)
@@ -478,8 +479,8 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
     # invisible to a dispatch mode): the prefill and one forward per further token
     with Operators() as ops:
         generator = torch.Generator(device).manual_seed(0)
-        steps = int(lm.sample_ids(prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                  generator=generator, **variants[variant])[1].max())
+        steps = int(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
+                                        generator=generator, **variants[variant])[1].max())
     # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
     # here, B tokens take (bytes per step) / bandwidth seconds
     per_step = ops.bytes / steps
@@ -509,9 +510,10 @@ one_ids, one_mask = prompt_ids[:1].expand(B, -1), prompt_mask[:1].expand(B, -1) 
 one_tok_s = {}
 for shared in (False, True):
     lengths = []
-    seconds = timed(lambda: lengths.append(lm.sample_ids(
-        one_ids, one_mask, "policy", args.action_len, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
-        prompts=["one prompt"] * B if shared else None)[1]), args.iters)
+    seconds = timed(lambda: lengths.append(sampling.sample_ids(
+        lm, one_ids, one_mask, "policy", args.action_len, temperature=1.0,
+        generator=torch.Generator(device).manual_seed(0), prompts=["one prompt"] * B if shared else None)[1]),
+        args.iters)
     one_tok_s[shared] = float(torch.stack(lengths).float().mean(0).sum()) / seconds
 row(f"| rollout B={B}, one shared prompt, one prefill | {one_tok_s[True]:,.0f} tok/s | "
     f"{one_tok_s[True] / one_tok_s[False]:.2f}x the speed with a prefill per row ({one_tok_s[False]:,.0f} tok/s) | |")
@@ -604,8 +606,8 @@ if args.profile:  # where the time goes: the operators that take most of it, on 
     from torch.profiler import ProfilerActivity, profile
 
     prompt_ids, prompt_mask = batches[max(batches)]
-    jobs = {f"rollout B={max(batches)}, static cache": lambda: lm.sample_ids(prompt_ids, prompt_mask, "policy",
-                                                                            args.action_len),
+    jobs = {f"rollout B={max(batches)}, static cache": lambda: sampling.sample_ids(lm, prompt_ids, prompt_mask,
+                                                                                   "policy", args.action_len),
             f"update B={B}": lambda: update(lm, optimizers, B)}
     for job, fn in jobs.items():
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:

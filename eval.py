@@ -30,6 +30,7 @@ import env
 import etpo
 import execution
 import model
+import sampling
 
 parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets and seeds, and more.")
 parser.add_argument("--ckpt", default=None, help="a checkpoint written by train.py")
@@ -91,9 +92,9 @@ def run_policy(lm, adapter, dataset, sandbox, seed, args):
     failures, attempts = np.zeros(coding_env.max_steps), np.zeros(coding_env.max_steps)
     successes = 0
     while coding_env.env_steps < args.steps:
-        _, _, texts = lm.generate(coding_env.prompts, adapter=adapter, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
-                                  generator=generator)
+        _, _, texts = sampling.generate(lm, coding_env.prompts, adapter=adapter, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
+                                        generator=generator)
         _, _, _, infos = coding_env.step(texts)
         for info in infos:
             attempts[info["step"] - 1] += 1
@@ -123,9 +124,10 @@ def perplexity(lm, adapter, text, window=512):
 def credit_view(lm, dataset, beta, args):
     """One program from the policy with, at every token, Q(x^{j-1}, w^j), V(x^{j-1}), Q - V and KL(pi || pi_bar)."""
     prompt = env.task_prompt(dataset, lm.supports_infill)
-    tokens, lengths, _ = lm.generate([prompt], adapter="policy", max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
-                                     generator=torch.Generator(device=lm.device).manual_seed(0))
+    tokens, lengths, _ = sampling.generate(lm, [prompt], adapter="policy", max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature, top_k=args.top_k,
+                                           stop_strings=env.STOP_STRINGS,
+                                           generator=torch.Generator(device=lm.device).manual_seed(0))
     prompt_ids, prompt_mask = lm.encode_prompts([prompt])
     mask = torch.ones_like(tokens, dtype=torch.float32)
     action = (prompt_ids, prompt_mask, tokens, mask)

@@ -41,6 +41,7 @@ import etpo
 import execution
 import model
 import ppo_kl
+import sampling
 
 # -----------------------------------------------------------------------------------------------------------------
 # configuration: argparse, defaults = the paper (ETPO.md section 6); None = the model preset's value
@@ -381,10 +382,11 @@ for it in range(start_it, iterations):
         t1 = time.time()
         bar = tqdm(total=args.max_new_tokens, desc="rollout (tokens)", leave=False, disable=not tty)
         with gpu_advice("the rollout"), bar:
-            tokens, lengths, texts = lm.generate(prompts, adapter="policy", max_new_tokens=args.max_new_tokens,
-                                                 temperature=args.temperature, top_k=args.top_k,
-                                                 stop_strings=env.STOP_STRINGS, generator=generator, progress=bar,
-                                                 cuda_graph=args.cuda_graph)
+            tokens, lengths, texts = sampling.generate(lm, prompts, adapter="policy",
+                                                       max_new_tokens=args.max_new_tokens,
+                                                       temperature=args.temperature, top_k=args.top_k,
+                                                       stop_strings=env.STOP_STRINGS, generator=generator,
+                                                       progress=bar, cuda_graph=args.cuda_graph)
         t_rollout += time.time() - t1
         t1 = time.time()
         with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):

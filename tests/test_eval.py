@@ -52,10 +52,12 @@ def test_table_csv_and_credit_view(ckpt, tmp_path):
 def test_perplexity_of_the_reference_on_its_own_samples():
     import eval as evaluation
     import model
+    import sampling
 
     lm = model.load("tiny", device="cpu")
     prompts = ["# Dataset: x\n\ndef build_model(x_train, y_train):\n"] * 8
-    _, _, texts = lm.generate(prompts, adapter=None, max_new_tokens=64, generator=torch.Generator().manual_seed(0))
+    _, _, texts = sampling.generate(lm, prompts, adapter=None, max_new_tokens=64,
+                                    generator=torch.Generator().manual_seed(0))
     own = "\n".join(texts)
     first, second = evaluation.perplexity(lm, None, own), evaluation.perplexity(lm, None, own)
     assert first == second and 1.0 < first < 100.0
