@@ -206,12 +206,20 @@ class AdapterLM(nn.Module):
         taken tokens from 0.023 to 0.006 (README, "bf16 numerics")."""
         return F.linear(hidden.float(), self.hf.get_output_embeddings().weight.float())
 
-    def state_value(self, prompt_ids, prompt_mask):
+    def state_value(self, prompt_ids, prompt_mask, prompts=None):
         """PPO-KL's V(s), (B,): the value head on the decoder's last hidden state of each prompt (run it inside
-        `with lm.adapter("value"):`)."""
-        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
-        hidden = self.hf.get_decoder()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions)
-        return self.value_head(hidden.last_hidden_state[:, -1].float())[:, 0]  # (B,)
+        `with lm.adapter("value"):`). prompts (the B texts, optional): the decoder runs each distinct prompt once,
+        and the rows of one prompt share its value (and, in the backward pass, sum their gradients into it)."""
+        groups = rows_by_prompt(prompts if prompts is not None else range(len(prompt_ids)))  # U lists of rows
+        firsts = [rows[0] for rows in groups]  # (U,) one row of each prompt
+        which = torch.empty(len(prompt_ids), dtype=torch.long)  # (B,) row b -> the number of its prompt
+        for u, rows in enumerate(groups):
+            which[rows] = u
+        ids, mask = prompt_ids[firsts], prompt_mask[firsts]  # (U, P)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions)
+        values = self.value_head(hidden.last_hidden_state[:, -1].float())[:, 0]  # (U,)
+        return values[which.to(values.device)]  # (B,)
 
     def last_logits(self, prompt_ids, prompt_mask):
         """Logits of the first action token, pi(.|x^0), (B, V) in float32: used for V(x_{t+1}^0)."""

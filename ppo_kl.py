@@ -8,8 +8,9 @@ action, not per token), advantages come from GAE over environment steps, and EVE
 same advantage in the clipped PPO surrogate: the "coarse credit" that ETPO's per-token targets replace.
 
 How train.py uses it: the value function is a fourth LoRA adapter, `value`, on the same frozen base, with a
-scalar linear head on the hidden state of the last prompt token (model.py). It shares nothing trainable with the
-policy, so the two losses never compete for the same weights, and it reads the same prompt the policy reads.
+scalar linear head on the hidden state of the last prompt token (model.py; rows with one prompt run it once). It
+shares nothing trainable with the policy, so the two losses never compete for the same weights, and it reads the
+same prompt the policy reads.
 
 Departures from the paper: none in the math; the value network is a LoRA adapter + head instead of a full copy.
 

@@ -337,9 +337,9 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
         kl = ppo_kl.action_kl(old_logp, ref_logp, mask)  # (B,) KL_t of each action
         shaped = (rewards - args.beta * kl).view(K, N)  # ETPO.md sec. 7: the action's reward is r_t - beta * KL_t
         with lm.adapter("value"):
-            values = lm.state_value(prompt_ids, prompt_mask).view(K, N)  # (K, N) V(s_t)
+            values = lm.state_value(prompt_ids, prompt_mask, prompts).view(K, N)  # (K, N) V(s_t)
             last_ids, last_mask = lm.encode_prompts(next_prompts[-N:])
-            last_values = lm.state_value(last_ids, last_mask)  # (N,) V(s_K), bootstraps unfinished episodes
+            last_values = lm.state_value(last_ids, last_mask, next_prompts[-N:])  # (N,) V(s_K), bootstraps the rest
         advantages, returns = ppo_kl.gae(shaped, values, dones.view(K, N), last_values, args.gamma, args.gae_lambda)
         advantages, returns = advantages.flatten(), returns.flatten()  # (B,) one per action
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # per-batch, as cleanrl ppo.py
@@ -356,7 +356,7 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
                 loss_pi.backward()
             finite &= optimizer_step("policy", loss_pi)
             with lm.adapter("value"):
-                loss_v = ppo_kl.value_loss(lm.state_value(*mb_action[:2]), returns[mb])
+                loss_v = ppo_kl.value_loss(lm.state_value(*mb_action[:2], mb_action[4]), returns[mb])
                 optimizers["value"].zero_grad(set_to_none=True)
                 loss_v.backward()
             finite &= optimizer_step("value", loss_v)

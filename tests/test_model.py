@@ -167,6 +167,41 @@ def test_rows_with_one_prompt_share_its_forward_with_the_same_logits_and_gradien
     assert sum(seen[1:]) == sum(P + k * T for k in sequences)
 
 
+def test_rows_with_one_prompt_share_the_value_forward_with_the_same_values_and_gradients():
+    # PPO-KL's V(s): five rows, three prompts; the shared forward runs 3 prompts, and each row's value and the
+    # value adapter's gradient are those of five forwards (a row given another prompt's value changes both)
+    torch.manual_seed(0)
+    lm = model.load("tiny", device="cpu", adapters=("policy", "value"))
+    with torch.no_grad():
+        for p in lm.adapter_params("value")[1::2]:
+            p.normal_(0, 0.05)  # LoRA B nonzero, so that gradients reach A too
+        lm.value_head.weight.normal_(0, 0.1)  # a head that tells the prompts apart
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], "# a third prompt\n", PROMPTS[1]]
+    prompt_ids, prompt_mask = lm.encode_prompts(prompts)
+    targets = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])  # rows of one prompt pull its value different ways
+    seen = []  # rows of every forward
+    hook = lm.hf.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)
+    results = []
+    try:
+        for keys in (None, prompts):
+            with lm.adapter("value"):
+                values = lm.state_value(prompt_ids, prompt_mask, keys)  # (5,)
+                ((values - targets) ** 2).sum().backward()
+            results.append((values.detach(), [p.grad for p in lm.adapter_params("value")]))
+            for p in lm.adapter_params("value"):
+                p.grad = None
+    finally:
+        hook.remove()
+    (alone, alone_grads), (shared, shared_grads) = results
+    assert seen == [5, 3]
+    assert torch.allclose(shared, alone, atol=1e-5)
+    assert shared[0] == shared[2] and shared[1] == shared[4]  # one value per prompt
+    assert min(abs(shared[0] - shared[1]), abs(shared[0] - shared[3]), abs(shared[1] - shared[3])) > 1e-3
+    for a, b in zip(alone_grads, shared_grads):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
 def test_rows_by_prompt_groups_rows_in_order_of_first_appearance():
     assert model.rows_by_prompt(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4], [3]]
     assert model.rows_by_prompt(range(3)) == [[0], [1], [2]]
