@@ -7,28 +7,22 @@ one, against the decode roofline (weight bytes per step over the HBM bandwidth m
 bytes moved per decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO
 update against the bf16 matmul rate measured here; peak memory of both, the largest batch that fits, and the
 bytes stored per transition between the rollout and the update. On a CPU it runs the `tiny` preset, so CI can
-smoke-test it.
+smoke-test it. The update it times is simulate.update (train.py's steps 3-6 on random tokens); simulate.py counts
+the same update's memory and operators on fake tensors, without a GPU.
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
     python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
     python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
     python bench.py --profile                          # the same, then the top operators of a rollout and an update
-    python bench.py --memory                           # memory of an update and a rollout, simulated (no GPU)
+    python simulate.py                                 # memory of an update and a rollout, simulated (no GPU)
 """
 
 import argparse
-import contextlib
 import copy
-import functools
-import math
 import time
-import weakref
 
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -38,6 +32,7 @@ import execution
 import model
 import sampling
 import tiny
+from simulate import Operators, adamw, random_prompts, simulate, simulate_rollout, update
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
 parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
@@ -49,11 +44,8 @@ parser.add_argument("--iters", type=int, default=3, help="timed repetitions (aft
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
 parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a rollout "
                     "and of an update")
-parser.add_argument("--memory", action="store_true", help="simulate the memory of an update and a rollout "
-                    "on fake tensors (any machine)")
 parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
                     "torch's fused one (model.torch_rms_norm): the figures before it")
-parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for --memory's largest B (80 GB H100: 78)")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
@@ -86,177 +78,6 @@ def timed(fn, iters):
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
-
-
-def random_prompts(lm, B, P, padded=False):
-    """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) + 1 pad positions, as prompts
-    of different lengths are left-padded in training (the model then builds its attention mask, as in training)."""
-    ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), device=lm.device)  # ids 0-2 are special in every preset
-    if not padded:
-        return ids, torch.ones_like(ids)
-    pads = torch.arange(B, device=lm.device) % (P - 1) + 1  # (B,)
-    mask = (torch.arange(P, device=lm.device)[None] >= pads[:, None]).long()  # (B, P)
-    return ids * mask, mask
-
-
-def adamw(lm):
-    return {name: torch.optim.AdamW(lm.adapter_params(name), lr=1e-4, weight_decay=0.0) for name in ("q", "policy")}
-
-
-def update(lm, optimizers, B, shared=False):
-    """One full ETPO update on random tokens: train.py's steps 3-6 at the paper's settings (one Q step, no
-    conservative penalty), gradient clipping and AdamW included, its logged statistics left out. shared: every row
-    has the same prompt, as at an episode's first step (action_logits then runs the prompt once per sequence of
-    model.rows_per_sequence rows); else B different prompts. Returns the bytes each transition keeps between the
-    rollout and the update."""
-    P, T, device = args.prompt_len, args.action_len, lm.device
-    if shared:
-        prompt_ids, prompt_mask = random_prompts(lm, 1, P)
-        prompt_ids, prompt_mask, prompts = prompt_ids.expand(B, P), prompt_mask.expand(B, P), ["first step"] * B
-    else:
-        prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
-        prompts = None  # every row its own prompt
-    tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
-    mask = torch.ones(B, T, device=device)  # (B, T)
-    lengths = torch.full((B,), T, device=device)
-    action = (prompt_ids, prompt_mask, tokens, mask, prompts)
-    with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
-        with lm.adapter(None):
-            ref_logits = lm.action_logits(*action)  # (B, T, V)
-            next_ref = lm.last_logits(prompt_ids, prompt_mask)
-        with lm.adapter("policy"):
-            pi_logits = lm.action_logits(*action)
-            next_pi = lm.last_logits(prompt_ids, prompt_mask)
-        with lm.adapter("q_target"):
-            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
-            next_q = etpo.q_from_logits(lm.last_logits(prompt_ids, prompt_mask), next_ref)
-        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, 0.01)
-        next_values = etpo.soft_value(next_pi, next_q, next_ref, 0.01)
-        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
-        y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
-                               torch.zeros(B, device=device), 0.99)
-        del pi_logits, q_tgt
-    stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
-    with lm.adapter("q"):  # 4. Q update
-        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
-        loss = etpo.q_loss(q_taken, y, mask)
-        optimizers["q"].zero_grad(set_to_none=True)  # as in train.py: a gradient lives until the next zero_grad
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), 1.0)
-    optimizers["q"].step()
-    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
-        with lm.adapter("q"):
-            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
-    with lm.adapter("policy"):
-        loss = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask)
-        optimizers["policy"].zero_grad(set_to_none=True)
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), 1.0)
-    optimizers["policy"].step()
-    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
-    return sum(t.numel() * t.element_size() for t in stored) / B
-
-
-class Operators(TorchDispatchMode):
-    """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
-    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
-    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth; in an update the
-    matmuls are bound by their FLOPs and the other operators by their bytes."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels, self.bytes = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view or func.namespace == "prim":
-            return out  # prim: fake tensors' bookkeeping (prim.device), no kernel
-        tensors = lambda tree: {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # noqa: E731
-        inputs, outputs = tensors((args, kwargs)), tensors(out)
-        written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
-        read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
-        self.kernels += 1
-        self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
-        return out
-
-
-def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
-    return math.prod(n for n, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
-
-
-class Allocations(TorchDispatchMode):
-    """Bytes of tensor storage alive now and at the peak, counted as torch.cuda.max_memory_allocated counts them
-    (less its rounding up to 512-byte blocks): every storage an operator returns, from its creation until it is
-    freed. Under FakeTensorMode tensors have shapes, dtypes and devices but no data, so a 7B model and its update
-    run on any CPU in seconds while this counts the bytes they would hold."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.storages = 0, 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.storages:  # a new storage
-                storage = t.untyped_storage()
-                self.storages.add(storage._cdata)
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self.freed, storage._cdata, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-    def freed(self, key, nbytes):
-        self.storages.discard(key)
-        self.live -= nbytes
-
-
-def random_lm(config):
-    """An AdapterLM of this architecture with random bf16 weights, on the CPU (shapes only under FakeTensorMode)."""
-    return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type,
-                           fused_norm=fused_norm)
-
-
-def simulate(config, B, checkpointing=False, fake=True, shared=False):
-    """(bytes held before an update, bytes at its peak) for the update of B rows on a model of this architecture with
-    random bf16 weights, measured in the second of two updates (the first creates the AdamW state). fake=False runs
-    the same on real tensors, to check the simulation; shared: one prompt for all rows, as in update()."""
-    try:
-        with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-            lm = random_lm(config)
-            if checkpointing:
-                model.checkpoint_activations(lm.hf)
-            optimizers = adamw(lm)
-            update(lm, optimizers, B, shared)
-            memory.peak = before = memory.live
-            update(lm, optimizers, B, shared)
-            return before, memory.peak
-    except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
-        import transformers
-
-        raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
-                           "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
-                           "later run it)") from None
-
-
-def case(shared, checkpointing):  # the label of a simulated update in the table
-    prompts = "one shared prompt, " if shared else ""
-    return prompts + ("gradient checkpointing" if checkpointing else "no checkpointing")
-
-
-def simulate_rollout(config, B, fake=True):
-    """Bytes at the peak of a rollout of B prompts of P tokens (static cache of P + T slots). Fake tensors cannot say
-    when rows stop, so a fake rollout ends where it first reads a sampled value, after the prefill and the first
-    token; the prefill is its peak (each later step adds one token's activations), which the real tiny model
-    confirms. Call it once simulate() has run: where the forward itself reads values (transformers 4.x), simulate()
-    says so, while this would stop inside the prefill."""
-    with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-        lm = random_lm(config)
-        prompt_ids, prompt_mask = random_prompts(lm, B, args.prompt_len, padded=True)
-        try:
-            sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len)
-        except DataDependentOutputException:
-            assert fake
-        return memory.peak
 
 
 if args.env:  # ----------------------------------------------------------------------------------------------------
@@ -337,71 +158,6 @@ if args.numerics:  # -----------------------------------------------------------
         p = etpo.log_pi_star(*truth, beta)  # KL(pi*_float32 || pi*) = sum_w pi*_float32 (log pi*_float32 - log pi*)
         kl = [(p.exp() * (p - etpo.log_pi_star(q, ref, beta))).sum(-1)[mask.bool()].mean() for q, ref in runs.values()]
         print(f"| KL(pi*_float32 \\|\\| pi*), beta {beta} | " + " | ".join(f"{k:.4f}" for k in kl) + " |")
-    raise SystemExit
-
-if args.memory:  # -----------------------------------------------------------------------------------------------
-    # the update's memory without a GPU: simulate() runs it on fake tensors. The peak is affine in B (what is held
-    # before the update + B x one row's activations and logits), so two batches fix the line and a few more runs
-    # confirm the largest B that fits.
-    name = args.model or "codellama-7b-arch"
-    if name == "codellama-7b-arch":
-        config = model.codellama_7b_config()
-    elif name == "tiny":
-        config = model.load("tiny", device="cpu").hf.config
-    else:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(name)  # the config alone: a few kB, no weights are downloaded
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); "
-                             "pass a Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
-    B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
-    try:
-        simulate(config, 1)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"| {name}, P={P} T={T}, simulated | peak of the update | held before it (weights, adapters, AdamW "
-          f"state, gradients) | per row of B |\n|---|---|---|---|")
-    largest = []
-    for shared, checkpointing in [(False, False), (False, True), (True, False), (True, True)]:
-        label = case(shared, checkpointing)
-        run = functools.cache(lambda n: simulate(config, n, checkpointing, shared=shared))  # B -> (before, peak)
-        peak_at = lambda n: run(n)[1]  # noqa: E731
-        before = run(B)[0]
-        per_row = (peak_at(2 * B) - peak_at(B)) / B
-        print(f"| update B={B}, {label} | {peak_at(B) / gib:.3g} GiB | {before / gib:.3g} GiB | "
-              f"{per_row / gib:.3g} GiB |")
-        n = max(1, int((budget - (peak_at(B) - B * per_row)) // per_row))  # where the line crosses the budget
-        while n > 0 and peak_at(n) > budget:
-            n -= 1
-        while peak_at(n + 1) <= budget:
-            n += 1
-        fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
-        largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
-    print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
-          + " | |")
-    rollouts = {n: simulate_rollout(config, n) for n in [int(s) for s in args.rollout_batches.split(",")]}
-    print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
-          + " | | |")
-    for shared in (False, True):  # and the kernels one update launches, the bytes they move, its matmul FLOPs
-        with FakeTensorMode():
-            lm = random_lm(config)
-            optimizers = adamw(lm)
-            update(lm, optimizers, B, shared)  # creates the AdamW state
-            with Operators() as ops:
-                update(lm, optimizers, B, shared)
-            with FlopCounterMode(display=False) as counter:  # apart: it changes which operators run inside it
-                update(lm, optimizers, B, shared)
-        print(f"| operators of one update B={B}{', one shared prompt' if shared else ''} | {ops.kernels:,} kernels | "
-              f"{ops.bytes / 1e9:,.4g} GB moved | {counter.get_total_flops():.4g} FLOP in matmuls |")
-    if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
-        for shared, checkpointing in [(False, False), (False, True), (True, False)]:
-            print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | "
-                  f"{simulate(config, B, checkpointing, False, shared)[1]:,} bytes | simulated: "
-                  f"{simulate(config, B, checkpointing, shared=shared)[1]:,} bytes | |")
-        print(f"| rollout B={B}, on real tensors here | {simulate_rollout(config, B, False):,} bytes | simulated: "
-              f"{simulate_rollout(config, B):,} bytes | |")
     raise SystemExit
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,7 +281,7 @@ optimizers = adamw(lm)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 bytes_per_transition = []
-seconds = timed(lambda: bytes_per_transition.append(update(lm, optimizers, B)), args.iters)
+seconds = timed(lambda: bytes_per_transition.append(update(lm, optimizers, B, P, T)), args.iters)
 peak = peak_memory()
 
 # FLOPs of one update, counted matmul by matmul (2 FLOPs per multiply-add). N = weights of every projection of every
@@ -560,7 +316,7 @@ matmul_flops = (5 * forward_flops(P + T, T, 1) + forward_flops(P + T, T, 0) + 2 
                 + 2 * forward_flops(P, 1, 1) + forward_flops(P, 1, 0))
 flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flops(P)
 with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula
-    update(lm, optimizers, B)
+    update(lm, optimizers, B, P, T)
 # On a CPU torch does not count the fused attention kernel, so its count must equal the matmul formula exactly; on
 # a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
 counted = counter.get_total_flops()
@@ -569,17 +325,18 @@ row(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / 
 row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
     f"| {counted:.4g} counted by torch.utils.flop_counter | |")
 # the same update when the B rows share one prompt, as at every episode's first step: action_logits runs the prompt
-# once per sequence of model.rows_per_sequence rows (its FLOPs: bench.py --memory)
+# once per sequence of model.rows_per_sequence rows (its FLOPs: python simulate.py)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
-shared_seconds = timed(lambda: update(lm, optimizers, B, shared=True), args.iters)
+shared_seconds = timed(lambda: update(lm, optimizers, B, P, T, shared=True), args.iters)
 row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
     f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
     f"{peak_memory()} |")
-if cuda:  # the same update and rollouts on fake tensors (bench.py --memory), next to the peaks measured above
+if cuda:  # the same update and rollouts on fake tensors (python simulate.py), next to the peaks measured above
     try:
-        simulated = f"{simulate(lm.hf.config, B)[1] / 2**30:.2f} GiB"
-        rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n) / 2**30:.2f} GiB" for n in batches)
+        simulated = f"{simulate(lm.hf.config, B, P, T, fused_norm=fused_norm)[1] / 2**30:.2f} GiB"
+        rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n, P, T, fused_norm=fused_norm) / 2**30:.2f} GiB"
+                             for n in batches)
     except RuntimeError as e:
         simulated = rollouts = f"failed: {e}"
     row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
@@ -592,7 +349,7 @@ if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from
         fits, trial = 0, B
         while True:
             try:
-                update(lm, optimizers, trial, shared)
+                update(lm, optimizers, trial, P, T, shared)
                 fits, trial = trial, trial * 2
             except torch.cuda.OutOfMemoryError:
                 break
@@ -608,7 +365,7 @@ if args.profile:  # where the time goes: the operators that take most of it, on 
     prompt_ids, prompt_mask = batches[max(batches)]
     jobs = {f"rollout B={max(batches)}, static cache": lambda: sampling.sample_ids(lm, prompt_ids, prompt_mask,
                                                                                    "policy", args.action_len),
-            f"update B={B}": lambda: update(lm, optimizers, B)}
+            f"update B={B}": lambda: update(lm, optimizers, B, P, T)}
     for job, fn in jobs.items():
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
             fn()

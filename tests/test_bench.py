@@ -1,8 +1,8 @@
 """
 bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table, the
-reference-policy sampling table, the bf16 numerics table and the memory simulation come out with numbers. Figures
-themselves are measured, never asserted; what is asserted is how they relate (the simulated update holds exactly the
-bytes of the real one, the largest batch fits and the next does not).
+reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
+never asserted; what is asserted is how they relate (the static cache moves fewer bytes than the dynamic one, torch's
+RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count).
 
 Run: python -m pytest tests/test_bench.py -q
 """
@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,47 +53,6 @@ def test_model_benchmark_on_cpu():
     for job in ("rollout B=2, static cache:", "update B=2:"):
         table = out.split(f"\n{job}\n")[1]
         assert "Self CPU time total" in table and "aten::mm" in table.split("Self CPU time total")[0]
-
-
-def test_memory_simulation_matches_real_tensors():
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4.x reads the attention mask's values, which fake tensors do not have")
-    out = bench("--memory", "--model", "tiny", "--batch", "2", "--prompt-len", "32", "--action-len", "16",
-                "--gpu-gib", "0.02", "--rollout-batches", "2")
-    peaks = {}
-    for label in ("no checkpointing", "gradient checkpointing"):
-        # the update on fake tensors holds exactly the bytes the same update holds on real tensors
-        row = re.search(rf"\| update B=2, {label}, on real tensors here \| ([\d,]+) bytes \| simulated: ([\d,]+) "
-                        "bytes", out)
-        real, simulated = row.groups()
-        assert real == simulated and int(real.replace(",", "")) > 0
-        peak, before, per_row = map(float, re.search(
-            rf"\| update B=2, {label} \| (\S+) GiB \| (\S+) GiB \| (\S+) GiB \|", out).groups())
-        assert before < peak and per_row > 0
-        peaks[label] = peak
-        # the largest B fits in the budget and the next one does not
-        n, fits, needs = re.search(rf"B = (\d+) \({label}, (\S+) GiB; B = \d+ needs (\S+) GiB\)", out).groups()
-        assert int(n) > 2 and float(fits) <= 0.02 < float(needs)
-    assert peaks["gradient checkpointing"] < peaks["no checkpointing"]
-    # the rollout: the fake one stops at its first sampled token, and its peak (the prefill's) is the real one's
-    real, simulated = re.search(r"\| rollout B=2, on real tensors here \| ([\d,]+) bytes \| simulated: ([\d,]+) ",
-                                out).groups()
-    assert real == simulated and int(real.replace(",", "")) > 0
-    assert re.search(r"\| rollout, static cache \| B = 2: \S+ GiB \|", out)
-    flops = {}
-    for shared in ("", ", one shared prompt"):
-        kernels, moved, flops[shared] = re.search(rf"\| operators of one update B=2{shared} \| ([\d,]+) kernels \| "
-                                                  r"(\S+) GB moved \| (\S+) FLOP in matmuls", out).groups()
-        assert int(kernels.replace(",", "")) > 1000 and float(moved) > 0
-    assert float(flops[", one shared prompt"]) < float(flops[""])  # the prompt runs once for both rows
-    # the shared prompt's update holds exactly the bytes simulated too, and less than two prompts' update
-    real, simulated = re.search(r"\| update B=2, one shared prompt, no checkpointing, on real tensors here \| "
-                                r"([\d,]+) bytes \| simulated: ([\d,]+) bytes", out).groups()
-    assert real == simulated
-    two = re.search(r"\| update B=2, no checkpointing, on real tensors here \| ([\d,]+) bytes", out).group(1)
-    assert int(real.replace(",", "")) < int(two.replace(",", ""))
 
 
 def test_environment_and_sampling_benchmarks():

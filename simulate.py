@@ -1,0 +1,304 @@
+"""
+ETPO's update and rollout on CodeLlama-7B, counted on any CPU: the GPU memory they would hold, the kernels they
+would launch, the bytes those move and the FLOPs of their matmuls. No GPU and no download: fake tensors
+(torch's FakeTensorMode) have shapes, dtypes and devices but no data, so a 7B update runs on a laptop's CPU (the
+whole table takes 10 to 16 minutes on 2 cores, most of it finding the largest batch four times).
+
+Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
+arXiv 2402.06700; ../shared/ETPO.md section 6, steps 3-6. The update simulated here is update() below, the same one
+bench.py times on a real device: train.py's targets, Q step, policy step and Polyak average on random tokens.
+
+    python simulate.py                          # CodeLlama-7B, B = 8, P = 512, T = 256: peaks, largest B, operators
+    python simulate.py --model tiny --batch 2 --prompt-len 32 --action-len 16 --gpu-gib 0.02   # + the check
+    python simulate.py --model codellama/CodeLlama-13b-hf   # any Hugging Face architecture: its config alone
+
+With `--model tiny` it also runs the same update and rollout on real tensors and prints both byte counts, which
+must be equal (tests/test_simulate.py). Departures from the paper: none; this file measures, it does not train.
+"""
+
+import argparse
+import contextlib
+import functools
+import math
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+import etpo
+import model
+import sampling
+
+# ----------------------------------------------------------------------------------------------------------------
+# the workload: one ETPO update on random tokens (bench.py times it; simulate() counts it)
+
+
+def random_prompts(lm, B, P, padded=False):
+    """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) + 1 pad positions, as prompts
+    of different lengths are left-padded in training (the model then builds its attention mask, as in training)."""
+    ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), device=lm.device)  # ids 0-2 are special in every preset
+    if not padded:
+        return ids, torch.ones_like(ids)
+    pads = torch.arange(B, device=lm.device) % (P - 1) + 1  # (B,)
+    mask = (torch.arange(P, device=lm.device)[None] >= pads[:, None]).long()  # (B, P)
+    return ids * mask, mask
+
+
+def adamw(lm):
+    return {name: torch.optim.AdamW(lm.adapter_params(name), lr=1e-4, weight_decay=0.0) for name in ("q", "policy")}
+
+
+def update(lm, optimizers, B, P, T, shared=False):
+    """One full ETPO update on random tokens: train.py's steps 3-6 at the paper's settings (one Q step, no
+    conservative penalty), gradient clipping and AdamW included, its logged statistics left out. shared: every row
+    has the same prompt, as at an episode's first step (action_logits then runs the prompt once per sequence of
+    model.rows_per_sequence rows); else B different prompts, each of P tokens, with actions of T. Returns the bytes
+    each transition keeps between the rollout and the update."""
+    device = lm.device
+    if shared:
+        prompt_ids, prompt_mask = random_prompts(lm, 1, P)
+        prompt_ids, prompt_mask, prompts = prompt_ids.expand(B, P), prompt_mask.expand(B, P), ["first step"] * B
+    else:
+        prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+        prompts = None  # every row its own prompt
+    tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
+    mask = torch.ones(B, T, device=device)  # (B, T)
+    lengths = torch.full((B,), T, device=device)
+    action = (prompt_ids, prompt_mask, tokens, mask, prompts)
+    with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts
+        with lm.adapter(None):
+            ref_logits = lm.action_logits(*action)  # (B, T, V)
+            next_ref = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("policy"):
+            pi_logits = lm.action_logits(*action)
+            next_pi = lm.last_logits(prompt_ids, prompt_mask)
+        with lm.adapter("q_target"):
+            q_tgt = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+            next_q = etpo.q_from_logits(lm.last_logits(prompt_ids, prompt_mask), next_ref)
+        values = etpo.soft_value(pi_logits, q_tgt, ref_logits, 0.01)
+        next_values = etpo.soft_value(next_pi, next_q, next_ref, 0.01)
+        ref_taken = ref_logits.gather(-1, tokens[..., None])[..., 0].float()
+        y = etpo.token_targets(values, lengths, torch.zeros(B, device=device), next_values,
+                               torch.zeros(B, device=device), 0.99)
+        del pi_logits, q_tgt
+    stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
+    with lm.adapter("q"):  # 4. Q update
+        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
+        loss = etpo.q_loss(q_taken, y, mask)
+        optimizers["q"].zero_grad(set_to_none=True)  # as in train.py: a gradient lives until the next zero_grad
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), 1.0)
+    optimizers["q"].step()
+    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
+        with lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
+    with lm.adapter("policy"):
+        loss = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask)
+        optimizers["policy"].zero_grad(set_to_none=True)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), 1.0)
+    optimizers["policy"].step()
+    etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
+    return sum(t.numel() * t.element_size() for t in stored) / B
+
+# ----------------------------------------------------------------------------------------------------------------
+# the counters: kernels and bytes moved, bytes held; on real tensors or fake ones
+
+
+class Operators(TorchDispatchMode):
+    """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
+    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
+    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth; in an update the
+    matmuls are bound by their FLOPs and the other operators by their bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view or func.namespace == "prim":
+            return out  # prim: fake tensors' bookkeeping (prim.device), no kernel
+        tensors = lambda tree: {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # noqa: E731
+        inputs, outputs = tensors((args, kwargs)), tensors(out)
+        written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
+        read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
+        self.kernels += 1
+        self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
+        return out
+
+
+def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
+    return math.prod(n for n, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
+
+
+class Allocations(TorchDispatchMode):
+    """Bytes of tensor storage alive now and at the peak, counted as torch.cuda.max_memory_allocated counts them
+    (less its rounding up to 512-byte blocks): every storage an operator returns, from its creation until it is
+    freed. Under FakeTensorMode tensors have shapes, dtypes and devices but no data, so a 7B model and its update
+    run on any CPU in seconds while this counts the bytes they would hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.storages:  # a new storage
+                storage = t.untyped_storage()
+                self.storages.add(storage._cdata)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self.freed, storage._cdata, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def freed(self, key, nbytes):
+        self.storages.discard(key)
+        self.live -= nbytes
+
+
+def random_lm(config, fused_norm=True):
+    """An AdapterLM of this architecture with random bf16 weights, on the CPU (shapes only under FakeTensorMode)."""
+    return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type, fused_norm=fused_norm)
+
+
+def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True):
+    """(bytes held before an update, bytes at its peak) for the update of B rows (P prompt and T action tokens) on a
+    model of this architecture with random bf16 weights, measured in the second of two updates (the first creates
+    the AdamW state). fake=False runs the same on real tensors, to check the simulation; shared: one prompt for all
+    rows, as in update(); fused_norm: as in model.AdapterLM."""
+    try:
+        with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
+            lm = random_lm(config, fused_norm)
+            if checkpointing:
+                model.checkpoint_activations(lm.hf)
+            optimizers = adamw(lm)
+            update(lm, optimizers, B, P, T, shared)
+            memory.peak = before = memory.live
+            update(lm, optimizers, B, P, T, shared)
+            return before, memory.peak
+    except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
+                           "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
+                           "later run it)") from None
+
+
+def case(shared, checkpointing):  # the label of a simulated update in the table
+    prompts = "one shared prompt, " if shared else ""
+    return prompts + ("gradient checkpointing" if checkpointing else "no checkpointing")
+
+
+def simulate_rollout(config, B, P, T, fake=True, fused_norm=True):
+    """Bytes at the peak of a rollout of B prompts of P tokens (static cache of P + T slots). Fake tensors cannot say
+    when rows stop, so a fake rollout ends where it first reads a sampled value, after the prefill and the first
+    token; the prefill is its peak (each later step adds one token's activations), which the real tiny model
+    confirms. Call it once simulate() has run: where the forward itself reads values (transformers 4.x), simulate()
+    says so, while this would stop inside the prefill."""
+    with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
+        lm = random_lm(config, fused_norm)
+        prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+        try:
+            sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", T)
+        except DataDependentOutputException:
+            assert fake
+        return memory.peak
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the table
+
+
+def largest_batch(peak_at, B, budget):
+    """The largest n with peak_at(n) <= budget (0 if none). The peak is affine in B (what is held before the update
+    + B x one row's activations and logits), so the line through B and 2B lands next to it; a few runs confirm."""
+    per_row = (peak_at(2 * B) - peak_at(B)) / B
+    n = max(1, int((budget - (peak_at(B) - B * per_row)) // per_row))  # where the line crosses the budget
+    while n > 0 and peak_at(n) > budget:
+        n -= 1
+    while peak_at(n + 1) <= budget:
+        n += 1
+    return n
+
+
+def load_config(name):
+    """The architecture to simulate: CodeLlama-7B's, the tiny preset's, or a Hugging Face model's config."""
+    if name == "codellama-7b-arch":
+        return model.codellama_7b_config()
+    if name == "tiny":
+        return model.load("tiny", device="cpu").hf.config
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)  # the config alone: a few kB, no weights are downloaded
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); pass a "
+                         "Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Simulate the memory and the operators of ETPO's update and rollout.")
+    parser.add_argument("--model", default="codellama-7b-arch", help="codellama-7b-arch, tiny, or a Hugging Face "
+                        "id or folder (its config is read; no weights are downloaded)")
+    parser.add_argument("--batch", type=int, default=8, help="transitions per update B")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens P")
+    parser.add_argument("--action-len", type=int, default=256, help="action tokens T")
+    parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout's peak")
+    parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for the largest B (80 GB H100: 78)")
+    parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
+                        "torch's fused one (model.torch_rms_norm): the figures before it")
+    args = parser.parse_args()
+    name, fused_norm = args.model, not args.transformers_norm
+    B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
+    config = load_config(name)
+    try:
+        simulate(config, 1, P, T, fused_norm=fused_norm)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"| {name}, P={P} T={T}, simulated{', transformers RMSNorm' if args.transformers_norm else ''} | peak of "
+          "the update | held before it (weights, adapters, AdamW state, gradients) | per row of B |\n|---|---|---|---|")
+    largest = []
+    for shared, checkpointing in [(False, False), (False, True), (True, False), (True, True)]:
+        label = case(shared, checkpointing)
+        run = functools.cache(lambda n: simulate(config, n, P, T, checkpointing, shared=shared, fused_norm=fused_norm))
+        peak_at = lambda n: run(n)[1]  # noqa: E731  B -> peak bytes
+        print(f"| update B={B}, {label} | {peak_at(B) / gib:.3g} GiB | {run(B)[0] / gib:.3g} GiB | "
+              f"{(peak_at(2 * B) - peak_at(B)) / B / gib:.3g} GiB |")
+        n = largest_batch(peak_at, B, budget)
+        fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
+        largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
+    print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
+          + " | |")
+    rollouts = {n: simulate_rollout(config, n, P, T, fused_norm=fused_norm)
+                for n in [int(s) for s in args.rollout_batches.split(",")]}
+    print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
+          + " | | |")
+    for shared in (False, True):  # and the kernels one update launches, the bytes they move, its matmul FLOPs
+        with FakeTensorMode():
+            lm = random_lm(config, fused_norm)
+            optimizers = adamw(lm)
+            update(lm, optimizers, B, P, T, shared)  # creates the AdamW state
+            with Operators() as ops:
+                update(lm, optimizers, B, P, T, shared)
+            with FlopCounterMode(display=False) as counter:  # apart: it changes which operators run inside it
+                update(lm, optimizers, B, P, T, shared)
+        print(f"| operators of one update B={B}{', one shared prompt' if shared else ''} | {ops.kernels:,} kernels | "
+              f"{ops.bytes / 1e9:,.4g} GB moved | {counter.get_total_flops():.4g} FLOP in matmuls |")
+    if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
+        for shared, checkpointing in [(False, False), (False, True), (True, False)]:
+            real, simulated = (simulate(config, B, P, T, checkpointing, fake, shared, fused_norm)[1]
+                               for fake in (False, True))
+            print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | {real:,} bytes | simulated: "
+                  f"{simulated:,} bytes | |")
+        real, simulated = (simulate_rollout(config, B, P, T, fake, fused_norm) for fake in (False, True))
+        print(f"| rollout B={B}, on real tensors here | {real:,} bytes | simulated: {simulated:,} bytes | |")
+
+
+if __name__ == "__main__":
+    main()
