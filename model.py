@@ -210,16 +210,12 @@ class AdapterLM(nn.Module):
         """PPO-KL's V(s), (B,): the value head on the decoder's last hidden state of each prompt (run it inside
         `with lm.adapter("value"):`). prompts (the B texts, optional): the decoder runs each distinct prompt once,
         and the rows of one prompt share its value (and, in the backward pass, sum their gradients into it)."""
-        groups = rows_by_prompt(prompts if prompts is not None else range(len(prompt_ids)))  # U lists of rows
-        firsts = [rows[0] for rows in groups]  # (U,) one row of each prompt
-        which = torch.empty(len(prompt_ids), dtype=torch.long)  # (B,) row b -> the number of its prompt
-        for u, rows in enumerate(groups):
-            which[rows] = u
+        firsts, which = first_rows(prompts, len(prompt_ids), self.device)  # (U,), (B,)
         ids, mask = prompt_ids[firsts], prompt_mask[firsts]  # (U, P)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         hidden = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions)
         values = self.value_head(hidden.last_hidden_state[:, -1].float())[:, 0]  # (U,)
-        return values[which.to(values.device)]  # (B,)
+        return values[which]  # (B,)
 
     def last_logits(self, prompt_ids, prompt_mask):
         """Logits of the first action token, pi(.|x^0), (B, V) in float32: used for V(x_{t+1}^0)."""
@@ -285,6 +281,17 @@ def rows_by_prompt(prompts):
     for row, prompt in enumerate(prompts):
         rows.setdefault(prompt, []).append(row)
     return list(rows.values())
+
+
+def first_rows(prompts, B, device):
+    """For B rows with these prompt texts (None: all different): firsts (U,), one row of each distinct prompt in
+    order of first appearance, and which (B,) on `device`, row b -> the number of its prompt, so that a result
+    computed on the U rows prompt_ids[firsts] is x[which] for all B."""
+    groups = rows_by_prompt(prompts if prompts is not None else range(B))  # U lists of rows
+    which = torch.empty(B, dtype=torch.long)  # (B,)
+    for u, rows in enumerate(groups):
+        which[rows] = u
+    return [rows[0] for rows in groups], which.to(device)
 
 
 def rows_per_sequence(config, P, T):

@@ -73,19 +73,14 @@ def sample_ids(lm, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256
     window = max((len(s) for s in stop_strings), default=0) + 2  # tokens that can hold a just-completed stop
     lengths = torch.zeros(B, dtype=torch.long, device=lm.device)
     done = torch.zeros(B, dtype=torch.bool, device=lm.device)
-    groups = model.rows_by_prompt(prompts if prompts is not None else range(B))  # U lists of rows, one per prompt
-    kv, forward = cached_forward(lm, mask, len(groups), cache, cuda_graph)
+    firsts, which = model.first_rows(prompts, B, lm.device)  # (U,) one row per distinct prompt, (B,) row -> prompt
+    kv, forward = cached_forward(lm, mask, len(firsts), cache, cuda_graph)
 
     training = lm.hf.training  # train mode (set by gradient checkpointing) would switch the KV cache off
     lm.hf.eval()
     with lm.adapter(adapter):
-        if len(groups) < B:  # prefill the U distinct prompts, then give row b the keys and values of its prompt
-            firsts = [rows[0] for rows in groups]  # (U,) the rows that prefill
+        if len(firsts) < B:  # prefill the U distinct prompts, then give row b the keys and values of its prompt
             logits = forward(prompt_ids[firsts], positions[firsts], 0, mask[firsts])  # (U, V)
-            which = torch.empty(B, dtype=torch.long)  # (B,) row b -> the number of its prompt
-            for u, rows in enumerate(groups):
-                which[rows] = u
-            which = which.to(lm.device)
             kv.reorder_cache(which)  # every layer's (U, heads, slots, dim) -> (B, heads, slots, dim)
             logits = logits[which]  # (B, V)
         else:

@@ -205,6 +205,10 @@ def test_rows_with_one_prompt_share_the_value_forward_with_the_same_values_and_g
 def test_rows_by_prompt_groups_rows_in_order_of_first_appearance():
     assert model.rows_by_prompt(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4], [3]]
     assert model.rows_by_prompt(range(3)) == [[0], [1], [2]]
+    firsts, which = model.first_rows(["a", "b", "a", "c", "b", "a"], 6, "cpu")
+    assert firsts == [0, 1, 3] and which.tolist() == [0, 1, 0, 2, 1, 0]
+    firsts, which = model.first_rows(None, 3, "cpu")
+    assert firsts == [0, 1, 2] and which.tolist() == [0, 1, 2]
 
 
 def test_rows_per_sequence_is_the_cheapest_whole_number_of_rows():
