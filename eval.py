@@ -6,13 +6,17 @@ arXiv 2402.06700, section 5 and table 2; ../shared/ETPO.md sections 1 and 8. The
 reward (ROC AUC) found within N environment steps, mean over 5 seeds, per dataset. For the program that reached
 it, this file also reports the ROC AUC on the held-out rows that the reward never sees (env.py), the success rate
 and the error rate at each step of an episode, next to the untrained model with the same reflection loop (the
-paper's "Reflection" column) and plain scikit-learn classifiers. Extras: the perplexity of the reference and of
-the trained policy on a text file (the paper's table 3 check), learning curves from metrics.jsonl, and a
-per-token credit view of one program (Q, V, Q - V and the KL to the reference at every token).
+paper's "Reflection" column) and plain scikit-learn classifiers. The paper's ETPO and PPO-KL columns are the
+best reward found while training, within the run's environment steps: --runs reads it from train.py's run folders
+(and runs the held-out check on that program), so one table holds Reflection, PPO-KL, ETPO and the baselines.
+Extras: the perplexity of the reference and of the trained policy on a text file (the paper's table 3 check),
+learning curves from metrics.jsonl, and a per-token credit view of one program (Q, V, Q - V and the KL to the
+reference at every token).
 
     python eval.py --ckpt runs/cmc-CodeLlama-7b-hf-etpo/ckpt.pt --datasets cmc,credit_g --seeds 5 --steps 40
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
     python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
+    python eval.py --runs RUN1,RUN2 --model tiny --policies reference --steps 960   # the paper's table 2
 """
 
 import argparse
@@ -36,7 +40,9 @@ parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets an
 parser.add_argument("--ckpt", default=None, help="a checkpoint written by train.py")
 parser.add_argument("--model", default=None, help="the base model without --ckpt (e.g. tiny)")
 parser.add_argument("--policies", default=None, help="trained,reference (default: both with --ckpt)")
-parser.add_argument("--datasets", default="cmc", help="comma-separated dataset names")
+parser.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the runs', or cmc)")
+parser.add_argument("--runs", default=None, help="comma-separated run folders of train.py: each adds the best reward "
+                    "it found while training, the paper's ETPO and PPO-KL columns")
 parser.add_argument("--seeds", type=int, default=5, help="repetitions per dataset (paper 5)")
 parser.add_argument("--steps", type=int, default=40, help="environment steps N per repetition")
 parser.add_argument("--n-envs", type=int, default=8, help="parallel episodes")
@@ -90,7 +96,7 @@ def run_policy(lm, adapter, dataset, sandbox, seed, args):
     coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, sandbox=sandbox, infill=lm.supports_infill)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     failures, attempts = np.zeros(coding_env.max_steps), np.zeros(coding_env.max_steps)
-    successes = 0
+    successes, first_rewards = 0, []  # first_rewards: of the programs written from the task prompt
     while coding_env.env_steps < args.steps:
         _, _, texts = sampling.generate(lm, coding_env.prompts, adapter=adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, stop_strings=env.STOP_STRINGS,
@@ -100,12 +106,44 @@ def run_policy(lm, adapter, dataset, sandbox, seed, args):
             attempts[info["step"] - 1] += 1
             failures[info["step"] - 1] += info["error"] is not None
             successes += info["error"] is None
+            if info["step"] == 1:
+                first_rewards.append(info["reward"])
     heldout = float("nan")
     if coding_env.best_code is not None:
         heldout, _ = sandbox.run([coding_env.best_code], dataset, heldout=True)[0]
     errors = [f / a if a else float("nan") for f, a in zip(failures, attempts)]
     return {"best": coding_env.best_reward, "heldout": heldout, "success": successes / coding_env.env_steps,
-            "errors_by_step": errors, "code": coding_env.best_code}
+            "first_try": float(np.mean(first_rewards)), "errors_by_step": errors, "code": coding_env.best_code}
+
+
+def training_run(run, sandbox, args):
+    """The paper's metric for a trained method (table 2's ETPO and PPO-KL columns): the best reward that a train.py
+    run found while training, within its environment steps; the held-out ROC AUC of that program; the share of its
+    actions that ran (the mean of env/success_rate over its iterations); the mean reward of its first attempts over
+    its last 5 iterations (env/first_try_reward), what the trained policy writes from the task prompt."""
+    try:
+        ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+        config, state = ckpt["config"], ckpt["env"]
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    except Exception as e:  # a missing or foreign folder gets the same answer
+        sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
+    dataset = load_dataset(config["dataset"], args)
+    heldout = float("nan")
+    if state["best_code"] is not None:
+        heldout, _ = sandbox.run([state["best_code"]], dataset, heldout=True)[0]
+    return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
+            "heldout": heldout, "success": float(np.mean([row["env/success_rate"] for row in rows])),
+            "first_try": float(np.mean([row["env/first_try_reward"] for row in rows[-5:]
+                                        if row["env/first_try_reward"] is not None])),
+            "errors_by_step": [], "code": state["best_code"], "steps": state["env_steps"]}
+
+
+def load_dataset(name, args):
+    try:
+        return env.load_dataset(name, args.data_dir, args.openml_cache)
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
 
 
 def perplexity(lm, adapter, text, window=512):
@@ -184,35 +222,44 @@ def plot_curves(run_dirs, path):
 
 
 def markdown_table(results, names, methods, key):
-    """Datasets x methods, mean ± std of results[key] over seeds, and an average row."""
+    """Datasets x methods, mean ± std of results[key] over seeds ("-" where a method did not run on a dataset), and
+    an average row (over every dataset, so "-" for a method that misses one)."""
     cell = {}
     for d in names:
         for m in methods:
             values = [r[key] for r in results if r["dataset"] == d and r["method"] == m]
-            cell[d, m] = (float(np.mean(values)), float(np.std(values)))
+            if values:
+                cell[d, m] = (float(np.mean(values)), float(np.std(values)))
     lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    lines += [f"| {d} | " + " | ".join(f"{cell[d, m][0]:.4f} ± {cell[d, m][1]:.4f}" for m in methods) + " |"
-              for d in names]
-    return "\n".join(lines + ["| average | " + " | ".join(f"{np.mean([cell[d, m][0] for d in names]):.4f}"
-                                                         for m in methods) + " |"])
+    lines += [f"| {d} | " + " | ".join(f"{cell[d, m][0]:.4f} ± {cell[d, m][1]:.4f}" if (d, m) in cell else "-"
+                                      for m in methods) + " |" for d in names]
+    averages = [f"{np.mean([cell[d, m][0] for d in names]):.4f}" if all((d, m) in cell for d in names) else "-"
+                for m in methods]
+    return "\n".join(lines + ["| average | " + " | ".join(averages) + " |"])
 
 
 def main():
     args = parser.parse_args()
-    lm, config = load_policy(args)
+    runs = args.runs.split(",") if args.runs else []
+    policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
+    policies = [p for p in policies.split(",") if p]
+    lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
     os.makedirs(args.out, exist_ok=True)
-    policies = (args.policies or ("trained,reference" if args.ckpt else "reference")).split(",")
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
     sandbox = execution.Sandbox()
-    methods = policies + list(BASELINES)
-    results = []  # one row per dataset, method and seed
-    for name in args.datasets.split(","):
-        try:
-            dataset = env.load_dataset(name, args.data_dir, args.openml_cache)
-        except (ValueError, OSError, RuntimeError) as e:
-            sys.exit(f"error: {e}")
+    results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
+    trained_methods = list(dict.fromkeys(r["method"] for r in results))
+    cells = [(r["dataset"], r["method"], r["seed"]) for r in results]
+    if len(set(cells)) < len(cells):
+        sys.exit("error: two of the --runs are the same method on the same dataset with the same seed; pass one of "
+                 "them (a cell of the table is the mean over seeds of one method)")
+    budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
+    methods = policies + trained_methods + list(BASELINES)
+    default = ",".join(dict.fromkeys(r["dataset"] for r in results)) or "cmc"
+    for name in (args.datasets or default).split(","):
+        dataset = load_dataset(name, args)
         for policy in policies:
             for seed in range(args.seeds):
                 r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
@@ -223,33 +270,41 @@ def main():
             source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
             (reward, _), (heldout, _) = sandbox.run([source], dataset)[0], sandbox.run([source], dataset, True)[0]
             results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward, "heldout": heldout,
-                            "success": 1.0, "errors_by_step": [], "code": source})
+                            "success": 1.0, "first_try": reward, "errors_by_step": [], "code": source})
     sandbox.close()
 
     # the tables, shaped like the paper's table 2: datasets x methods, mean +- std over seeds
     names = list(dict.fromkeys(r["dataset"] for r in results))
     tables = []
-    for key, title in (("best", f"best ROC AUC within {args.steps} environment steps (the paper's metric)"),
+    budget = [f"{', '.join(policies)} within {args.steps} environment steps"] if policies else []
+    budget += [f"{', '.join(trained_methods)} while training, within {budgets} environment steps"] if runs else []
+    budget = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
+    first_try = "mean reward of first attempts, the programs written from the task prompt"
+    first_try += f" ({', '.join(trained_methods)}: over the last 5 iterations of training)" if runs else ""
+    for key, title in (("best", budget),
                        ("heldout", "held-out ROC AUC of that best program (rows the reward never saw)"),
-                       ("success", "share of actions that ran")):
-        tables.append(f"{title}, mean ± std over {args.seeds} seeds:\n" + markdown_table(results, names, methods, key))
+                       ("success", "share of actions that ran"),
+                       ("first_try", first_try)):
+        tables.append(f"{title}, mean ± std over seeds:\n" + markdown_table(results, names, methods, key))
     print("\n\n" + "\n\n".join(tables))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n\n".join(tables) + "\n")
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "error_rate_by_step"])
+        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "first_try_reward",
+                         "error_rate_by_step"])
         for r in results:
             errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
-            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"], errors])
+            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"],
+                             r["first_try"], errors])
     if args.perplexity:
         text = open(args.perplexity).read()
         for policy in policies:
             print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
     if args.credit:
-        if "q" not in lm.names or not args.ckpt:
+        if not args.ckpt or "q" not in lm.names:
             sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
-        rows = credit_view(lm, env.load_dataset(names[0], args.data_dir, args.openml_cache), config["beta"], args)
+        rows = credit_view(lm, load_dataset(names[0], args), config["beta"], args)
         print(render_credit(rows, os.path.join(args.out, "credit.html")))
     if args.curves:
         print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))

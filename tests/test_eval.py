@@ -1,8 +1,10 @@
 """
 eval.py on the tiny model: the table has a row per dataset plus the average and a column per method, with
 numbers in range; the CSV holds every seed; the perplexity of the reference on its own samples is finite,
-reproducible and lower than on the same words shuffled; the per-token credit view renders. (That the held-out
-AUC uses rows the reward never sees is tested in tests/test_env.py.)
+reproducible and lower than on the same words shuffled; the per-token credit view renders; --runs reports a
+training run's best reward, the held-out AUC of its best program, its success rate and its last first attempts' reward,
+as the paper's ETPO column.
+(That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
 
 Run: python -m pytest tests/test_eval.py -q
 """
@@ -47,6 +49,32 @@ def test_table_csv_and_credit_view(ckpt, tmp_path):
     html = (out / "credit.html").read_text()
     assert html.count("<span") >= 1 and "Q=" in html and "KL=" in html
     assert re.search(r"token\s+Q\s+V\s+Q - V\s+KL", r.stdout)
+
+
+def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
+    import json
+
+    run_dir = os.path.dirname(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["env"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    success = [row["env/success_rate"] for row in rows]
+    first_try = [row["env/first_try_reward"] for row in rows[-5:] if row["env/first_try_reward"] is not None]
+    out = tmp_path / "eval"
+    r = run("eval.py", "--runs", run_dir, "--out", str(out))  # no model: only the run and the baselines
+    assert r.returncode == 0, r.stderr[-2000:]
+    best, heldout, ran, first = [t.splitlines() for t in (out / "table.md").read_text().split("\n\n")]
+    assert best[0].startswith("best ROC AUC (the paper's metric): etpo while training, within 16 environment steps")
+    assert best[1] == "| dataset | etpo | logistic_regression | random_forest | hist_gradient_boosting |"
+    assert best[3].startswith(f"| iris | {state['best_reward']:.4f} ± 0.0000 | ")
+    assert ran[3].startswith(f"| iris | {sum(success) / len(success):.4f} ± 0.0000 | ")
+    assert first[3].startswith(f"| iris | {sum(first_try) / len(first_try):.4f} ± 0.0000 | ")
+    assert 0.0 <= float(heldout[3].split(" | ")[1].split(" ")[0]) <= 1.0
+    with open(out / "results.csv") as f:
+        methods = [row["method"] for row in csv.DictReader(f)]
+    assert methods == ["etpo", "logistic_regression", "random_forest", "hist_gradient_boosting"]
+    r = run("eval.py", "--runs", f"{run_dir},{run_dir}", "--out", str(out))  # two runs for one cell of one seed
+    assert r.returncode != 0 and "same method on the same dataset with the same seed" in r.stderr
 
 
 def test_perplexity_of_the_reference_on_its_own_samples():
