@@ -238,6 +238,26 @@ def markdown_table(results, names, methods, key):
     return "\n".join(lines + ["| average | " + " | ".join(averages) + " |"])
 
 
+def report(results, methods, titles, out):
+    """Print the tables (key, title) and write them to OUT/table.md, and every row to OUT/results.csv. Returns the
+    datasets in order."""
+    names = list(dict.fromkeys(r["dataset"] for r in results))
+    tables = [f"{title}, mean ± std over seeds:\n" + markdown_table(results, names, methods, key)
+              for key, title in titles]
+    print("\n\n" + "\n\n".join(tables))
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "first_try_reward",
+                         "error_rate_by_step"])
+        for r in results:
+            errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
+            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"],
+                             r["first_try"], errors])
+    return names
+
+
 def main():
     args = parser.parse_args()
     runs = args.runs.split(",") if args.runs else []
@@ -250,11 +270,10 @@ def main():
         sys.exit("error: --policies trained needs --ckpt")
     sandbox = execution.Sandbox()
     results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
-    trained_methods = list(dict.fromkeys(r["method"] for r in results))
-    cells = [(r["dataset"], r["method"], r["seed"]) for r in results]
-    if len(set(cells)) < len(cells):
+    if len({(r["dataset"], r["method"], r["seed"]) for r in results}) < len(results):
         sys.exit("error: two of the --runs are the same method on the same dataset with the same seed; pass one of "
                  "them (a cell of the table is the mean over seeds of one method)")
+    trained_methods = list(dict.fromkeys(r["method"] for r in results))
     budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
     methods = policies + trained_methods + list(BASELINES)
     default = ",".join(dict.fromkeys(r["dataset"] for r in results)) or "cmc"
@@ -274,29 +293,14 @@ def main():
     sandbox.close()
 
     # the tables, shaped like the paper's table 2: datasets x methods, mean +- std over seeds
-    names = list(dict.fromkeys(r["dataset"] for r in results))
-    tables = []
     budget = [f"{', '.join(policies)} within {args.steps} environment steps"] if policies else []
     budget += [f"{', '.join(trained_methods)} while training, within {budgets} environment steps"] if runs else []
-    budget = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
     first_try = "mean reward of first attempts, the programs written from the task prompt"
     first_try += f" ({', '.join(trained_methods)}: over the last 5 iterations of training)" if runs else ""
-    for key, title in (("best", budget),
-                       ("heldout", "held-out ROC AUC of that best program (rows the reward never saw)"),
-                       ("success", "share of actions that ran"),
-                       ("first_try", first_try)):
-        tables.append(f"{title}, mean ± std over seeds:\n" + markdown_table(results, names, methods, key))
-    print("\n\n" + "\n\n".join(tables))
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write("\n\n".join(tables) + "\n")
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "first_try_reward",
-                         "error_rate_by_step"])
-        for r in results:
-            errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
-            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"],
-                             r["first_try"], errors])
+    best = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
+    heldout = "held-out ROC AUC of that best program (rows the reward never saw)"
+    names = report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
+                                      ("first_try", first_try)], args.out)
     if args.perplexity:
         text = open(args.perplexity).read()
         for policy in policies:
