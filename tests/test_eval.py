@@ -73,6 +73,11 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
     with open(out / "results.csv") as f:
         methods = [row["method"] for row in csv.DictReader(f)]
     assert methods == ["etpo", "logistic_regression", "random_forest", "hist_gradient_boosting"]
+    r = run("eval.py", "--runs", run_dir, "--datasets", "iris,wine", "--out", str(out))  # no run on wine: "-"
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = (out / "table.md").read_text().split("\n\n")[0].splitlines()
+    assert best[3].startswith("| iris | 0.") and best[4].startswith("| wine | - | 0.")
+    assert best[5].startswith("| average | - | 0.")
     r = run("eval.py", "--runs", f"{run_dir},{run_dir}", "--out", str(out))  # two runs for one cell of one seed
     assert r.returncode != 0 and "same method on the same dataset with the same seed" in r.stderr
 
