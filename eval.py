@@ -57,6 +57,7 @@ parser.add_argument("--perplexity", default=None, help="a text file: perplexity 
 parser.add_argument("--credit", action="store_true", help="per-token Q, V, Q - V and KL of one program (ETPO)")
 parser.add_argument("--curves", default=None, help="comma-separated run folders to plot (needs matplotlib)")
 parser.add_argument("--plot", default=None, help="PNG path for --curves (default OUT/curves.png)")
+LAST_ITERATIONS = 5  # a training run's first-attempt reward is the mean over its last this many iterations
 BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM reference
     "logistic_regression": "from sklearn.linear_model import LogisticRegression\n    model = LogisticRegression()",
     "random_forest": "from sklearn.ensemble import RandomForestClassifier\n    model = RandomForestClassifier()",
@@ -134,7 +135,7 @@ def training_run(run, sandbox, args):
         heldout, _ = sandbox.run([state["best_code"]], dataset, heldout=True)[0]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
             "heldout": heldout, "success": float(np.mean([row["env/success_rate"] for row in rows])),
-            "first_try": float(np.mean([row["env/first_try_reward"] for row in rows[-5:]
+            "first_try": float(np.mean([row["env/first_try_reward"] for row in rows[-LAST_ITERATIONS:]
                                         if row["env/first_try_reward"] is not None])),
             "errors_by_step": [], "code": state["best_code"], "steps": state["env_steps"]}
 
@@ -296,7 +297,8 @@ def main():
     budget = [f"{', '.join(policies)} within {args.steps} environment steps"] if policies else []
     budget += [f"{', '.join(trained_methods)} while training, within {budgets} environment steps"] if runs else []
     first_try = "mean reward of first attempts, the programs written from the task prompt"
-    first_try += f" ({', '.join(trained_methods)}: over the last 5 iterations of training)" if runs else ""
+    if runs:
+        first_try += f" ({', '.join(trained_methods)}: over the last {LAST_ITERATIONS} iterations of training)"
     best = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
     heldout = "held-out ROC AUC of that best program (rows the reward never saw)"
     names = report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
