@@ -57,7 +57,9 @@ parser.add_argument("--perplexity", default=None, help="a text file: perplexity 
 parser.add_argument("--credit", action="store_true", help="per-token Q, V, Q - V and KL of one program (ETPO)")
 parser.add_argument("--curves", default=None, help="comma-separated run folders to plot (needs matplotlib)")
 parser.add_argument("--plot", default=None, help="PNG path for --curves (default OUT/curves.png)")
-LAST_ITERATIONS = 5  # a training run's first-attempt reward is the mean over its last this many iterations
+LAST_STEPS = 160  # a training run's first-attempt reward: the mean over its iterations within its last this many
+# environment steps, a window of the same length for every algorithm (with the tiny preset: ETPO's last 5 iterations
+# of 32 steps, PPO-KL's last one of 5 x 32)
 BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM reference
     "logistic_regression": "from sklearn.linear_model import LogisticRegression\n    model = LogisticRegression()",
     "random_forest": "from sklearn.ensemble import RandomForestClassifier\n    model = RandomForestClassifier()",
@@ -120,8 +122,8 @@ def run_policy(lm, adapter, dataset, sandbox, seed, args):
 def training_run(run, sandbox, args):
     """The paper's metric for a trained method (table 2's ETPO and PPO-KL columns): the best reward that a train.py
     run found while training, within its environment steps; the held-out ROC AUC of that program; the share of its
-    actions that ran (the mean of env/success_rate over its iterations); the mean reward of its first attempts over
-    its last 5 iterations (env/first_try_reward), what the trained policy writes from the task prompt."""
+    actions that ran (the mean of env/success_rate over its iterations); the mean reward of its first attempts in its
+    last LAST_STEPS environment steps (env/first_try_reward), what the trained policy writes from the task prompt."""
     try:
         ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
         config, state = ckpt["config"], ckpt["env"]
@@ -133,9 +135,11 @@ def training_run(run, sandbox, args):
     heldout = float("nan")
     if state["best_code"] is not None:
         heldout, _ = sandbox.run([state["best_code"]], dataset, heldout=True)[0]
+    starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
+    last = [row for row, start in zip(rows, starts) if start >= state["env_steps"] - LAST_STEPS] or rows[-1:]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
             "heldout": heldout, "success": float(np.mean([row["env/success_rate"] for row in rows])),
-            "first_try": float(np.mean([row["env/first_try_reward"] for row in rows[-LAST_ITERATIONS:]
+            "first_try": float(np.mean([row["env/first_try_reward"] for row in last
                                         if row["env/first_try_reward"] is not None])),
             "errors_by_step": [], "code": state["best_code"], "steps": state["env_steps"]}
 
@@ -298,7 +302,7 @@ def main():
     budget += [f"{', '.join(trained_methods)} while training, within {budgets} environment steps"] if runs else []
     first_try = "mean reward of first attempts, the programs written from the task prompt"
     if runs:
-        first_try += f" ({', '.join(trained_methods)}: over the last {LAST_ITERATIONS} iterations of training)"
+        first_try += f" ({', '.join(trained_methods)}: in the last {LAST_STEPS} environment steps of training)"
     best = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
     heldout = "held-out ROC AUC of that best program (rows the reward never saw)"
     names = report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),

@@ -59,7 +59,7 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     success = [row["env/success_rate"] for row in rows]
-    first_try = [row["env/first_try_reward"] for row in rows[-5:] if row["env/first_try_reward"] is not None]
+    first_try = [row["env/first_try_reward"] for row in rows if row["env/first_try_reward"] is not None]  # 16 steps
     out = tmp_path / "eval"
     r = run("eval.py", "--runs", run_dir, "--out", str(out))  # no model: only the run and the baselines
     assert r.returncode == 0, r.stderr[-2000:]
@@ -80,6 +80,32 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
     assert best[5].startswith("| average | - | 0.")
     r = run("eval.py", "--runs", f"{run_dir},{run_dir}", "--out", str(out))  # two runs for one cell of one seed
     assert r.returncode != 0 and "same method on the same dataset with the same seed" in r.stderr
+
+
+def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
+    """ETPO's iterations are 32 environment steps here, PPO-KL's 160: both are read over their last 160 steps."""
+    import argparse
+    import json
+
+    import eval as evaluation
+
+    assert evaluation.LAST_STEPS == 160
+    runs = {"etpo": (32, [i / 100 for i in range(29)] + [None]), "ppo_kl": (160, [-0.5, -0.4, -0.3, -0.2, -0.1, 0.5])}
+    for algo, (steps, first_try) in runs.items():
+        (tmp_path / algo).mkdir()
+        torch.save({"config": {"dataset": "iris", "algo": algo, "seed": 0},
+                    "env": {"best_reward": 0.9, "best_code": None, "env_steps": steps * len(first_try)}},
+                   tmp_path / algo / "ckpt.pt")
+        with open(tmp_path / algo / "metrics.jsonl", "w") as f:
+            for i, value in enumerate(first_try):
+                f.write(json.dumps({"env_steps": steps * (i + 1), "env/success_rate": 0.5,
+                                    "env/first_try_reward": value}) + "\n")
+    args = argparse.Namespace(data_dir="data", openml_cache=None)
+    etpo_run = evaluation.training_run(str(tmp_path / "etpo"), None, args)
+    ppo_kl_run = evaluation.training_run(str(tmp_path / "ppo_kl"), None, args)
+    assert etpo_run["first_try"] == (0.25 + 0.26 + 0.27 + 0.28) / 4  # iterations from step 800 on; the last had none
+    assert ppo_kl_run["first_try"] == 0.5  # its one iteration from step 800 on
+    assert (etpo_run["success"], etpo_run["best"], ppo_kl_run["method"]) == (0.5, 0.9, "ppo_kl")
 
 
 def test_perplexity_of_the_reference_on_its_own_samples():
