@@ -111,12 +111,10 @@ def run_policy(lm, adapter, dataset, sandbox, seed, args):
             successes += info["error"] is None
             if info["step"] == 1:
                 first_rewards.append(info["reward"])
-    heldout = float("nan")
-    if coding_env.best_code is not None:
-        heldout, _ = sandbox.run([coding_env.best_code], dataset, heldout=True)[0]
     errors = [f / a if a else float("nan") for f, a in zip(failures, attempts)]
-    return {"best": coding_env.best_reward, "heldout": heldout, "success": successes / coding_env.env_steps,
-            "first_try": float(np.mean(first_rewards)), "errors_by_step": errors, "code": coding_env.best_code}
+    return {"best": coding_env.best_reward, "heldout": heldout_auc(sandbox, coding_env.best_code, dataset),
+            "success": successes / coding_env.env_steps, "first_try": float(np.mean(first_rewards)),
+            "errors_by_step": errors, "code": coding_env.best_code}
 
 
 def training_run(run, sandbox, args):
@@ -132,16 +130,19 @@ def training_run(run, sandbox, args):
     except Exception as e:  # a missing or foreign folder gets the same answer
         sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
     dataset = load_dataset(config["dataset"], args)
-    heldout = float("nan")
-    if state["best_code"] is not None:
-        heldout, _ = sandbox.run([state["best_code"]], dataset, heldout=True)[0]
     starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
     last = [row for row, start in zip(rows, starts) if start >= state["env_steps"] - LAST_STEPS] or rows[-1:]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
-            "heldout": heldout, "success": float(np.mean([row["env/success_rate"] for row in rows])),
+            "heldout": heldout_auc(sandbox, state["best_code"], dataset),
+            "success": float(np.mean([row["env/success_rate"] for row in rows])),
             "first_try": float(np.mean([row["env/first_try_reward"] for row in last
                                         if row["env/first_try_reward"] is not None])),
             "errors_by_step": [], "code": state["best_code"], "steps": state["env_steps"]}
+
+
+def heldout_auc(sandbox, code, dataset):
+    """ROC AUC of a program on the held-out rows the reward never sees (env.py); nan where there is no program."""
+    return float("nan") if code is None else sandbox.run([code], dataset, heldout=True)[0][0]
 
 
 def load_dataset(name, args):
@@ -292,7 +293,7 @@ def main():
                       f"success {r['success']:.2f}", flush=True)
         for method, body in BASELINES.items():  # deterministic: one run stands for every seed
             source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
-            (reward, _), (heldout, _) = sandbox.run([source], dataset)[0], sandbox.run([source], dataset, True)[0]
+            (reward, _), heldout = sandbox.run([source], dataset)[0], heldout_auc(sandbox, source, dataset)
             results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward, "heldout": heldout,
                             "success": 1.0, "first_try": reward, "errors_by_step": [], "code": source})
     sandbox.close()
