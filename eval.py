@@ -84,7 +84,8 @@ def load_policy(args):
     if name is None:
         sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
     try:
-        lm = model.from_checkpoint(adapters, args.device) if args.ckpt else model.load(name, args.device)
+        # without a checkpoint only the reference runs: no adapters
+        lm = model.from_checkpoint(adapters, args.device) if args.ckpt else model.load(name, args.device, adapters=())
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     tiny = name == "tiny"

@@ -106,16 +106,21 @@ class AdapterLM(nn.Module):
             p.requires_grad_(False)
             p.grad = None
         self.layers = []  # every LoRALinear, in a fixed order
+        linear, head = set(), self.hf.get_output_embeddings()  # the names of the linear layers but the LM head's
         for module_name, module in list(self.hf.named_modules()):
             for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and child_name in targets:
+                if isinstance(child, nn.Linear) and child is not head:
+                    linear.add(child_name)
+                if isinstance(child, nn.Linear) and child is not head and child_name in targets:
                     lora = LoRALinear(child, adapters, r, alpha)
                     setattr(module, child_name, lora)
                     self.layers.append(lora)
                 elif fused_norm and type(child).__name__ == "LlamaRMSNorm":
                     setattr(module, child_name, torch_rms_norm(child))
-        if not self.layers:
-            raise ValueError(f"no linear layer named {list(targets)} in {name}: pass --lora-targets for this model")
+        missing = [t for t in targets if t not in linear]  # a typo, or another architecture than Llama's
+        if adapters and missing:
+            raise ValueError(f"{name} has no linear layer named {', '.join(missing)} (its linear layers are named "
+                             f"{', '.join(sorted(linear))}): name the ones to adapt with train.py --lora-targets")
         config = self.hf.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise ValueError(f"{name} rescales its logits after the LM head, which AdapterLM.head does not do")
@@ -137,7 +142,7 @@ class AdapterLM(nn.Module):
     def adapter(self, name):
         """`with lm.adapter("policy"): ...` runs the base with that adapter; name None is the reference pi_bar.
         Call backward() inside the block if gradient checkpointing is on (the recomputation reads the adapter)."""
-        previous = self.layers[0].active
+        previous = self.layers[0].active if self.layers else None
         for layer in self.layers:
             layer.active = name
         try:

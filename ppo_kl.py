@@ -23,6 +23,12 @@ Legend (shapes; N = parallel episodes, K = environment steps per rollout, B = K 
 """
 
 import torch
+import torch.nn.functional as F
+
+
+def taken_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(w^j | x^{j-1}) of the sampled tokens (B, T), in float32, from the logits (B, T, V) that predict them."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
 def action_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

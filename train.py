@@ -57,6 +57,8 @@ parser.add_argument("--workers", type=int, default=None, help="programs run in p
 # model
 parser.add_argument("--model", default="codellama/CodeLlama-7b-hf", help="Hugging Face id or path, or 'tiny'")
 parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoRA adapters (alpha = 2 r)")
+parser.add_argument("--lora-targets", default=",".join(model.LLAMA_TARGETS),
+                    help="comma-separated names of the linear layers given adapters (default: every Llama projection)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: less memory, more compute")
 # rollout
@@ -140,7 +142,7 @@ torch.manual_seed(args.seed)
 try:
     dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
-                    checkpointing=args.checkpointing, adapters=adapters)
+                    targets=args.lora_targets.split(","), checkpointing=args.checkpointing, adapters=adapters)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
@@ -246,11 +248,6 @@ def optimizer_step(name, loss):
     return True
 
 
-def taken_logp(logits, tokens):
-    """log pi(w^j | x^{j-1}) of the sampled tokens, (B, T), in float32."""
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
-
-
 def etpo_update(action, lengths, rewards, dones, next_prompts):
     # bench.py's update() repeats these forwards and optimizer steps on random tokens, without the statistics and
     # the choice of live rows (they read values back, which the fake tensors of its memory simulation do not
@@ -332,7 +329,7 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
         with lm.adapter("policy"):
             pi_logits = lm.action_logits(*action)
         kl_ref, entropy = etpo.token_stats(pi_logits, ref_logits, mask)
-        old_logp, ref_logp = taken_logp(pi_logits, tokens), taken_logp(ref_logits, tokens)  # (B, T)
+        old_logp, ref_logp = ppo_kl.taken_logp(pi_logits, tokens), ppo_kl.taken_logp(ref_logits, tokens)  # (B, T)
         del pi_logits, ref_logits
         kl = ppo_kl.action_kl(old_logp, ref_logp, mask)  # (B,) KL_t of each action
         shaped = (rewards - args.beta * kl).view(K, N)  # ETPO.md sec. 7: the action's reward is r_t - beta * KL_t
@@ -350,7 +347,7 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
         for mb in torch.randperm(K * N).chunk(args.minibatches):
             mb_action = (*(t[mb] for t in action[:4]), [prompts[i] for i in mb.tolist()])
             with lm.adapter("policy"):
-                logp = taken_logp(lm.action_logits(*mb_action), tokens[mb])  # (mb, T)
+                logp = ppo_kl.taken_logp(lm.action_logits(*mb_action), tokens[mb])  # (mb, T)
                 loss_pi = ppo_kl.clipped_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], args.clip)
                 optimizers["policy"].zero_grad(set_to_none=True)
                 loss_pi.backward()

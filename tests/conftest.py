@@ -57,3 +57,20 @@ def codellama_dir(tmp_path_factory):
     hf.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory):
+    """A model of another architecture than Llama's, as a local folder: a one-block Phi-3 (its attention projects
+    q, k and v with one linear layer, qkv_proj, and its MLP has gate_up_proj) with the same tokenizer."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    path = str(tmp_path_factory.mktemp("phi3-like"))
+    _, tok = build_codellama_like()
+    config = Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -3,7 +3,8 @@ model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exa
 of each other, gradients reach only the active adapter, adapters round-trip through a file, the action-position
 logits are the same slice of the full logits (also when rows with one prompt share a forward), the float32 head
 keeps Q accurate in bf16, torch's RMSNorm computes transformers' to the bit in float32, and CodeLlama's infilling
-format is built, decoded and stopped as the environment needs. The sampling loop: tests/test_sampling.py.
+format is built, decoded and stopped as the environment needs. Another architecture (a one-block Phi-3) gets a clear
+error until its layer names are given, then the same exact logits. The sampling loop: tests/test_sampling.py.
 
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
@@ -122,6 +123,24 @@ def test_action_logits_equal_the_slice_of_full_logits(lm):
     assert torch.allclose(lm.action_logits(prompt_ids, prompt_mask, tokens, action_mask), full[:, P - 1 : P + T - 1],
                           atol=1e-5)
     assert torch.allclose(lm.last_logits(prompt_ids, prompt_mask), full[:, P - 1], atol=1e-5)
+
+
+def test_another_architecture_names_its_layers_and_then_runs_the_same_code(phi3_dir):
+    # Phi-3 shares two layer names with Llama (o_proj, down_proj): adapting only those would be a silent half-LoRA
+    with pytest.raises(ValueError, match="no linear layer named q_proj, k_proj, v_proj, gate_proj, up_proj .* "
+                                         "named down_proj, gate_up_proj, o_proj, qkv_proj.*--lora-targets"):
+        model.load(phi3_dir, device="cpu")
+    assert model.load(phi3_dir, device="cpu", adapters=()).layers  # the reference alone needs no adapters
+    lm = model.load(phi3_dir, device="cpu", targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    assert len(lm.layers) == 4 and lm.lora["targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    prompt_ids, prompt_mask, tokens, action_mask = batch = some_actions(lm)
+    P, T = prompt_ids.shape[1], tokens.shape[1]
+    full = full_logits(lm, *batch)  # (B, P + T, V)
+    assert torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-5)
+    with torch.no_grad():
+        lm.layers[0].B["q"].normal_()
+    with lm.adapter("q"):
+        assert not torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-3)
 
 
 @pytest.mark.parametrize("most", [2, 8])

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from ppo_kl import action_kl, clipped_policy_loss, gae, value_loss
+from ppo_kl import action_kl, clipped_policy_loss, gae, taken_logp, value_loss
 
 
 def test_gae_loop_equals_the_brute_force_sum():
@@ -49,6 +49,15 @@ def test_action_kl_sums_the_log_ratio_of_the_sampled_tokens():
     ref_logp = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.1, 0.1, 0.3]]))
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     assert torch.allclose(action_kl(logp, ref_logp, mask), torch.tensor([math.log(2.0), math.log(2.0)]))
+
+
+def test_taken_logp_reads_the_sampled_tokens_log_probability():
+    # vocabulary of 3: logits log(1), log(2), log(5) give pi = 1/8, 2/8, 5/8 at every position, whatever bf16 holds
+    logits = torch.log(torch.tensor([1.0, 2.0, 5.0])).repeat(2, 2, 1).bfloat16()  # (B=2, T=2, V=3)
+    tokens = torch.tensor([[2, 0], [1, 2]])
+    expected = torch.log(torch.tensor([[5 / 8, 1 / 8], [2 / 8, 5 / 8]]))
+    logp = taken_logp(logits, tokens)
+    assert logp.dtype == torch.float32 and torch.allclose(logp, expected, atol=1e-2)
 
 
 def test_clipped_loss_by_hand():

@@ -2,8 +2,8 @@
 train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
 a short fixed-seed run raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
-infilling tokenizer trains through the same loop; user errors, and running out of GPU memory, end with one sentence
-and a non-zero exit.
+infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
+layers; user errors, and running out of GPU memory, end with one sentence and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
@@ -146,6 +146,20 @@ def test_a_local_model_folder_with_codellamas_infilling_tokenizer(tmp_path, code
         assert sample.startswith("def build_model(x_train, y_train):\n") and sample.endswith("\n    return model")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["adapters"]["model"] == codellama_dir
+
+
+def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_dir):
+    out = str(tmp_path / "run")
+    common = ["--model", phi3_dir, "--dataset", "iris", "--n-envs", "4", "--steps", "4", "--max-new-tokens", "16",
+              "--device", "cpu", "--out", out]
+    r = train(*common, timeout=120)  # Llama's layer names: one sentence naming the model's own
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "--lora-targets" in r.stderr
+    r = train(*common, "--lora-targets", "qkv_proj,o_proj,gate_up_proj,down_proj")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["adapters"]["lora"]["targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert any(float(B.abs().sum()) > 0 for B in ckpt["adapters"]["weights"]["policy"][1::2])  # it trained
 
 
 @pytest.mark.parametrize("args,phrase", [
