@@ -71,7 +71,7 @@ parser.add_argument("--cuda-graph", action="store_true", help="replay the rollou
 parser.add_argument("--algo", default="etpo", choices=["etpo", "ppo_kl"], help="the algorithm")
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
 parser.add_argument("--gamma", type=float, default=0.99, help="discount between actions (paper 0.99)")
-parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of both adapters")
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the adapters (paper: Lion, 1e-6)")
 parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
 parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps per batch (paper 1)")
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
@@ -87,7 +87,7 @@ parser.add_argument("--ppo-epochs", type=int, default=4, help="passes over each 
 parser.add_argument("--minibatches", type=int, default=4, help="minibatches per pass")
 # run
 parser.add_argument("--steps", type=int, default=None, help="environment-step budget (paper 500)")
-parser.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL)")
+parser.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL-ALGO)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--sample-every", type=int, default=5, help="print a generated program every this many iterations")
@@ -249,9 +249,7 @@ def optimizer_step(name, loss):
 
 
 def etpo_update(action, lengths, rewards, dones, next_prompts):
-    # bench.py's update() repeats these forwards and optimizer steps on random tokens, without the statistics and
-    # the choice of live rows (they read values back, which the fake tensors of its memory simulation do not
-    # have): a change here belongs there too
+    # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
     prompt_ids, prompt_mask, tokens, mask, prompts = action  # prompts: rows with one prompt share its forward
     # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
     # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
