@@ -111,10 +111,10 @@ class AdapterLM(nn.Module):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and child is not head:
                     linear.add(child_name)
-                if isinstance(child, nn.Linear) and child is not head and child_name in targets:
-                    lora = LoRALinear(child, adapters, r, alpha)
-                    setattr(module, child_name, lora)
-                    self.layers.append(lora)
+                    if child_name in targets:
+                        lora = LoRALinear(child, adapters, r, alpha)
+                        setattr(module, child_name, lora)
+                        self.layers.append(lora)
                 elif fused_norm and type(child).__name__ == "LlamaRMSNorm":
                     setattr(module, child_name, torch_rms_norm(child))
         missing = [t for t in targets if t not in linear]  # a typo, or another architecture than Llama's
