@@ -19,7 +19,9 @@ the same update's memory and operators on fake tensors, without a GPU.
 """
 
 import argparse
+import contextlib
 import copy
+import sys
 import time
 
 import torch
@@ -60,6 +62,15 @@ cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
 
 
+@contextlib.contextmanager
+def user_input():
+    """A bad --model, dataset or checkpoint ends with one sentence, as in train.py, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
 def sync():
     if cuda:
         torch.cuda.synchronize()
@@ -81,7 +92,8 @@ def timed(fn, iters):
 
 
 if args.env:  # ----------------------------------------------------------------------------------------------------
-    dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
+    with user_input():
+        dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
     programs = [env.SIGNATURE + body for body in tiny.training_corpus()[:16]]  # varied, some broken, like a policy's
     sandbox = execution.Sandbox(workers=args.workers)
     t0 = time.perf_counter()
@@ -97,10 +109,11 @@ if args.env:  # ----------------------------------------------------------------
     raise SystemExit
 
 if args.sample:  # -------------------------------------------------------------------------------------------------
-    dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
     t0 = time.perf_counter()
-    lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
-                    fused_norm=fused_norm)
+    with user_input():
+        dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
+        lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
+                        fused_norm=fused_norm, adapters=())  # the reference samples: no adapters
     load_s = time.perf_counter() - t0
     torch.manual_seed(0)
     prompt = env.task_prompt(dataset, lm.supports_infill)
@@ -120,16 +133,21 @@ if args.numerics:  # -----------------------------------------------------------
     # the same trained adapters on the base in float32 (the truth) and in bf16 (what a GPU runs), on 16 actions the
     # policy samples: how far Q = l_Q - l_bar and pi* = softmax(log pi_bar + Q / beta) move, with the float32 LM
     # head that model.py uses and with logits rounded to bf16 as the model itself would return them
-    ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
-    config = ckpt["config"]
-    lm32 = model.from_checkpoint(ckpt["adapters"], device, fused_norm=fused_norm)
+    try:
+        ckpt = torch.load(args.numerics, map_location="cpu", weights_only=False)
+        config, adapters = ckpt["config"], ckpt["adapters"]
+    except Exception as e:  # any unreadable file gets the same answer, as in train.py and eval.py
+        sys.exit(f"error: could not read the checkpoint {args.numerics} ({type(e).__name__}); pass a ckpt.pt that "
+                 "train.py wrote")
+    with user_input():
+        lm32 = model.from_checkpoint(adapters, device, fused_norm=fused_norm)
+        dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache)
     lm32.hf.float()
     lm16 = copy.deepcopy(lm32)
     lm16.hf.to(torch.bfloat16)
     for layer in lm16.layers:  # the adapters stay float32 masters, as in training
         layer.A.float()
         layer.B.float()
-    dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache)
     prompts = [env.task_prompt(dataset, lm32.supports_infill)] * 16
     torch.manual_seed(0)
     tokens, lengths, _ = sampling.generate(lm32, prompts, max_new_tokens=64)
@@ -180,7 +198,8 @@ def copy_bandwidth(nbytes):
 peak_flops = matmul_rate(8192 if cuda else 1024)
 bandwidth = copy_bandwidth(2**30 if cuda else 2**26)
 
-lm = model.load(name, device=device, fused_norm=fused_norm)
+with user_input():
+    lm = model.load(name, device=device, fused_norm=fused_norm)
 cfg = lm.hf.config
 V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
 weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())

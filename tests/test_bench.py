@@ -2,7 +2,8 @@
 bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table, the
 reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
 never asserted; what is asserted is how they relate (the static cache moves fewer bytes than the dynamic one, torch's
-RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count).
+RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count). A bad model,
+dataset or checkpoint ends with one sentence.
 
 Run: python -m pytest tests/test_bench.py -q
 """
@@ -11,6 +12,8 @@ import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +72,18 @@ def test_numerics_benchmark_on_a_checkpoint(ckpt):
     assert float(errors[0]) == 0.0 and float(errors[2]) > 0.0  # the float32 model against itself; bf16 rounding
     for beta in ("0.01", "0.05", "0.2"):
         assert re.search(rf"\| KL\(pi\*_float32 .+\), beta {beta} \| 0.0000 \| \S+ \| \S+ \|", out)
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--model", "NO_SUCH_FOLDER"], "could not load the model"),
+    (["--sample", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
+    (["--numerics", "BAD"], "could not read the checkpoint"),
+])
+def test_bad_input_ends_with_one_sentence(args, phrase, tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    paths = {"NO_SUCH_FOLDER": str(tmp_path / "no-such-model"), "BAD": str(tmp_path / "bad.pt")}
+    r = subprocess.run([sys.executable, "bench.py", *(paths.get(a, a) for a in args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
