@@ -3,8 +3,9 @@ model.py on the offline `tiny` preset (CPU, no downloads): LoRA adapters are exa
 of each other, gradients reach only the active adapter, adapters round-trip through a file, the action-position
 logits are the same slice of the full logits (also when rows with one prompt share a forward), the float32 head
 keeps Q accurate in bf16, torch's RMSNorm computes transformers' to the bit in float32, and CodeLlama's infilling
-format is built, decoded and stopped as the environment needs. Another architecture (a one-block Phi-3) gets a clear
-error until its layer names are given, then the same exact logits. The sampling loop: tests/test_sampling.py.
+format is built, decoded and stopped as the environment needs. Mistral, Qwen2, Qwen3 and Gemma blocks take the
+adapters as Llama's do; another architecture (a one-block Phi-3) gets a clear error until its layer names are given,
+then the same exact logits. The sampling loop: tests/test_sampling.py.
 
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
@@ -141,6 +142,23 @@ def test_another_architecture_names_its_layers_and_then_runs_the_same_code(phi3_
         lm.layers[0].B["q"].normal_()
     with lm.adapter("q"):
         assert not torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3", "Gemma"])
+def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellama_like):
+    import transformers
+
+    _, tok = codellama_like  # its tokenizer
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    lm = model.AdapterLM(getattr(transformers, f"{arch}ForCausalLM")(config).eval(), tok, name=arch)
+    assert len(lm.layers) == 7  # every projection of the one block
+    batch = some_actions(lm)
+    P, T = batch[0].shape[1], batch[2].shape[1]
+    full = full_logits(lm, *batch)  # (B, P + T, V)
+    assert torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-5)
 
 
 @pytest.mark.parametrize("most", [2, 8])
