@@ -109,9 +109,9 @@ if args.env:  # ----------------------------------------------------------------
     raise SystemExit
 
 if args.sample:  # -------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
     with user_input():
         dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
+        t0 = time.perf_counter()
         lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
                         fused_norm=fused_norm, adapters=())  # the reference samples: no adapters
     load_s = time.perf_counter() - t0
