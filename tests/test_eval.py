@@ -9,7 +9,9 @@ as the paper's ETPO column.
 Run: python -m pytest tests/test_eval.py -q
 """
 
+import argparse
 import csv
+import json
 import os
 import random
 import re
@@ -52,8 +54,6 @@ def test_table_csv_and_credit_view(ckpt, tmp_path):
 
 
 def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
-    import json
-
     run_dir = os.path.dirname(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["env"]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -84,9 +84,6 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
 
 def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
     """ETPO's iterations are 32 environment steps here, PPO-KL's 160: both are read over their last 160 steps."""
-    import argparse
-    import json
-
     import eval as evaluation
 
     assert evaluation.LAST_STEPS == 160

@@ -24,10 +24,14 @@ def lm():
     return model.load("tiny", device="cpu")
 
 
-def full_logits(lm, prompt_ids, prompt_mask, tokens, action_mask):
+def expected_action_logits(lm, batch):
+    """What action_logits must return: the full forward's logits at the positions that predict each action token."""
+    prompt_ids, prompt_mask, tokens, action_mask = batch
+    P, T = prompt_ids.shape[1], tokens.shape[1]
     ids = torch.cat([prompt_ids, tokens], 1)
     mask = torch.cat([prompt_mask, action_mask], 1)
-    return lm.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    full = lm.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    return full[:, P - 1 : P + T - 1]  # (B, T, V)
 
 
 def some_actions(lm):
@@ -118,12 +122,10 @@ def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
 
 
 def test_action_logits_equal_the_slice_of_full_logits(lm):
-    prompt_ids, prompt_mask, tokens, action_mask = some_actions(lm)
-    P, T = prompt_ids.shape[1], tokens.shape[1]
-    full = full_logits(lm, prompt_ids, prompt_mask, tokens, action_mask)  # (B, P + T, V)
-    assert torch.allclose(lm.action_logits(prompt_ids, prompt_mask, tokens, action_mask), full[:, P - 1 : P + T - 1],
-                          atol=1e-5)
-    assert torch.allclose(lm.last_logits(prompt_ids, prompt_mask), full[:, P - 1], atol=1e-5)
+    batch = some_actions(lm)
+    expected = expected_action_logits(lm, batch)  # (B, T, V)
+    assert torch.allclose(lm.action_logits(*batch), expected, atol=1e-5)
+    assert torch.allclose(lm.last_logits(*batch[:2]), expected[:, 0], atol=1e-5)  # the first action token's
 
 
 def test_another_architecture_names_its_layers_and_then_runs_the_same_code(phi3_dir):
@@ -134,14 +136,13 @@ def test_another_architecture_names_its_layers_and_then_runs_the_same_code(phi3_
     assert model.load(phi3_dir, device="cpu", adapters=()).layers  # the reference alone needs no adapters
     lm = model.load(phi3_dir, device="cpu", targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     assert len(lm.layers) == 4 and lm.lora["targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    prompt_ids, prompt_mask, tokens, action_mask = batch = some_actions(lm)
-    P, T = prompt_ids.shape[1], tokens.shape[1]
-    full = full_logits(lm, *batch)  # (B, P + T, V)
-    assert torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-5)
+    batch = some_actions(lm)
+    expected = expected_action_logits(lm, batch)  # (B, T, V)
+    assert torch.allclose(lm.action_logits(*batch), expected, atol=1e-5)
     with torch.no_grad():
         lm.layers[0].B["q"].normal_()
     with lm.adapter("q"):
-        assert not torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-3)
+        assert not torch.allclose(lm.action_logits(*batch), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3", "Gemma"])
@@ -156,9 +157,7 @@ def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellam
     lm = model.AdapterLM(getattr(transformers, f"{arch}ForCausalLM")(config).eval(), tok, name=arch)
     assert len(lm.layers) == 7  # every projection of the one block
     batch = some_actions(lm)
-    P, T = batch[0].shape[1], batch[2].shape[1]
-    full = full_logits(lm, *batch)  # (B, P + T, V)
-    assert torch.allclose(lm.action_logits(*batch), full[:, P - 1 : P + T - 1], atol=1e-5)
+    assert torch.allclose(lm.action_logits(*batch), expected_action_logits(lm, batch), atol=1e-5)
 
 
 @pytest.mark.parametrize("most", [2, 8])
