@@ -34,7 +34,7 @@ import execution
 import model
 import sampling
 import tiny
-from simulate import Operators, adamw, random_prompts, simulate, simulate_rollout, update
+from simulate import Operators, adamw, random_prompts, simulate, simulate_rollout, step_weight_bytes, update
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
 parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
@@ -202,9 +202,11 @@ with user_input():
     lm = model.load(name, device=device, fused_norm=fused_norm)
 cfg = lm.hf.config
 V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())
+weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())  # base and all adapters
+step_bytes = step_weight_bytes(lm)  # what a decode step reads of them: the base and the policy adapter
 linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
-print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights, "
+print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights "
+      f"({step_bytes / 2**30:.2f} GiB read per decode step), "
       f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)"
       + (", transformers' RMSNorm" if args.transformers_norm else ""))
 
@@ -244,8 +246,8 @@ for variant, options in variants.items():
             continue
         tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
         tok_s[variant] = tokens / seconds  # at the last B, for the rows below
-        # decode roofline: every step reads all weights once, so steps/s <= bandwidth / weight bytes (KV ignored)
-        roofline = B * bandwidth / weight_bytes
+        # decode roofline: every step reads the weights once, so steps/s <= bandwidth / their bytes (KV ignored)
+        roofline = B * bandwidth / step_bytes
         peak = peak_memory()
         row(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
             f"{roofline:,.0f} tok/s roofline | {peak} |")

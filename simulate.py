@@ -110,7 +110,8 @@ def update(lm, optimizers, B, P, T, shared=False):
 
 class Operators(TorchDispatchMode):
     """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
-    each reads its inputs and writes its outputs once (no fusion, no cache reuse): a decode step is bound by its
+    each reads its inputs and writes its outputs once (no fusion, no cache reuse; a lookup reads only the entries it
+    returns): a decode step is bound by its
     launches when there are thousands of them, otherwise by these bytes over the memory bandwidth; in an update the
     matmuls are bound by their FLOPs and the other operators by their bytes."""
 
@@ -126,9 +127,14 @@ class Operators(TorchDispatchMode):
         inputs, outputs = tensors((args, kwargs)), tensors(out)
         written = inputs.keys() & outputs.keys()  # in place (KV cache writes, +=): the op writes its other inputs
         read = sum(nbytes(t) for i, t in inputs.items() if i not in written)
+        if func.overloadpacket in LOOKUPS:  # reads the entries it returns and their indices, not the whole table
+            read += nbytes(out) - nbytes(args[0])
         self.kernels += 1
         self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
         return out
+
+
+LOOKUPS = (torch.ops.aten.embedding, torch.ops.aten.gather, torch.ops.aten.index_select, torch.ops.aten.index)
 
 
 def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
@@ -210,6 +216,36 @@ def simulate_rollout(config, B, P, T, fake=True, fused_norm=True):
         return memory.peak
 
 
+def decode_step(config, B, P, T, fake=True, fused_norm=True):
+    """(kernels, bytes moved, bytes of KV cache, bytes of weights) of one decode step of a rollout of B prompts of P
+    tokens with the policy adapter, as sampling.sample_ids runs it: a static cache of P + T slots, one new token
+    per row. The step reads every weight and, with a static cache, every slot, filled or not; a bandwidth-bound
+    step therefore reaches at most weights / bytes moved of the decode roofline (which counts the weights alone)."""
+    with FakeTensorMode() if fake else contextlib.nullcontext(), torch.no_grad():
+        lm = random_lm(config, fused_norm)
+        lm.hf.eval()
+        prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
+        mask = torch.zeros(B, P + T, dtype=torch.long)  # (B, P + T)
+        mask[:, :P] = prompt_mask
+        kv, forward = sampling.cached_forward(lm, mask, B)
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+        with lm.adapter("policy"):
+            forward(prompt_ids, positions, 0)  # the prefill fills slots 0 .. P - 1
+            mask[:, P] = 1
+            with Operators() as ops:  # the first decode step (every later one runs the same operators)
+                forward(torch.zeros(B, 1, dtype=torch.long), positions[:, -1:] + 1, P)
+        cache = sum(nbytes(t) for layer in kv.layers for t in (layer.keys, layer.values))
+        return ops.kernels, ops.bytes, cache, step_weight_bytes(lm)
+
+
+def step_weight_bytes(lm, adapter="policy"):
+    """Bytes of the weights one decode step reads: the frozen base and the adapter that samples, less the input
+    embeddings (a step looks up one row per sequence; the LM head is read whole). The other adapters sit idle."""
+    embeddings = lm.hf.get_input_embeddings().weight
+    skip = {id(p) for name in lm.names if name != adapter for p in lm.adapter_params(name)}
+    skip |= {id(embeddings)} if embeddings is not lm.hf.get_output_embeddings().weight else set()
+    return sum(nbytes(p) for p in lm.hf.parameters() if id(p) not in skip)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the table
@@ -279,6 +315,11 @@ def main():
                 for n in [int(s) for s in args.rollout_batches.split(",")]}
     print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
           + " | | |")
+    for n in rollouts:  # what one decode step moves: the weights, the whole static cache, and the rest
+        kernels, moved, cache, weights = decode_step(config, n, P, T, fused_norm=fused_norm)
+        print(f"| decode step B={n}, static cache of P+T slots | {kernels:,} kernels | {moved / 1e9:.4g} GB moved: "
+              f"weights {weights / 1e9:.4g} GB, KV cache {cache / 1e9:.4g} GB | at most {weights / moved:.0%} of the "
+              "decode roofline (weights / bytes moved) |")
     for shared in (False, True):  # and the kernels one update launches, the bytes they move, its matmul FLOPs
         with FakeTensorMode():
             lm = random_lm(config, fused_norm)
@@ -298,6 +339,9 @@ def main():
                   f"{simulated:,} bytes | |")
         real, simulated = (simulate_rollout(config, B, P, T, fake, fused_norm) for fake in (False, True))
         print(f"| rollout B={B}, on real tensors here | {real:,} bytes | simulated: {simulated:,} bytes | |")
+        real, simulated = (decode_step(config, B, P, T, fake, fused_norm)[:2] for fake in (False, True))
+        print(f"| decode step B={B}, on real tensors here | {real[0]:,} kernels, {real[1]:,} bytes moved | "
+              f"simulated: {simulated[0]:,} kernels, {simulated[1]:,} bytes moved | |")
 
 
 if __name__ == "__main__":
