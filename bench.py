@@ -205,8 +205,8 @@ V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
 weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())  # base and all adapters
 step_bytes = step_weight_bytes(lm)  # what a decode step reads of them: the base and the policy adapter
 linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
-print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 2**30:.2f} GiB of weights "
-      f"({step_bytes / 2**30:.2f} GiB read per decode step), "
+print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 1e9:.3g} GB of weights "
+      f"({step_bytes / 1e9:.3g} GB read per decode step), "
       f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)"
       + (", transformers' RMSNorm" if args.transformers_norm else ""))
 
@@ -259,11 +259,12 @@ for variant in ("static cache", "dynamic cache"):  # one more rollout at the las
         steps = int(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
                                         generator=generator, **variants[variant])[1].max())
     # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
-    # here, B tokens take (bytes per step) / bandwidth seconds
+    # here, B tokens take (bytes per step) / bandwidth seconds, so at best the roofline times weights / bytes moved
     per_step = ops.bytes / steps
     bound = B * bandwidth / per_step
     row(f"| decode step B={B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
-        f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
+        f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic ({step_bytes / per_step:.0%} of "
+        "the roofline) | |")
     if variant == "static cache" and "static cache + CUDA graph" in tok_s:  # the same kernels and bytes, replayed
         row(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
             f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")

@@ -8,12 +8,13 @@ Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Lang
 arXiv 2402.06700; ../shared/ETPO.md section 6, steps 3-6. The update simulated here is update() below, the same one
 bench.py times on a real device: train.py's targets, Q step, policy step and Polyak average on random tokens.
 
-    python simulate.py                          # CodeLlama-7B, B = 8, P = 512, T = 256: peaks, largest B, operators
+    python simulate.py                          # CodeLlama-7B, B = 8, P = 512, T = 256: peaks, largest B, operators,
+                                                # one decode step at B = 8 and 32
     python simulate.py --model tiny --batch 2 --prompt-len 32 --action-len 16 --gpu-gib 0.02   # + the check
     python simulate.py --model codellama/CodeLlama-13b-hf   # any Hugging Face architecture: its config alone
 
-With `--model tiny` it also runs the same update and rollout on real tensors and prints both byte counts, which
-must be equal (tests/test_simulate.py). Departures from the paper: none; this file measures, it does not train.
+With `--model tiny` it also runs the same update, rollout and decode step on real tensors and prints both counts,
+which must be equal (tests/test_simulate.py). Departures from the paper: none; this file measures, it does not train.
 """
 
 import argparse
@@ -108,12 +109,14 @@ def update(lm, optimizers, B, P, T, shared=False):
 # the counters: kernels and bytes moved, bytes held; on real tensors or fake ones
 
 
+LOOKUPS = (torch.ops.aten.embedding, torch.ops.aten.gather, torch.ops.aten.index_select, torch.ops.aten.index)
+
+
 class Operators(TorchDispatchMode):
     """Counts the aten operators that run a kernel (a view only re-describes memory) and the bytes they move if
     each reads its inputs and writes its outputs once (no fusion, no cache reuse; a lookup reads only the entries it
-    returns): a decode step is bound by its
-    launches when there are thousands of them, otherwise by these bytes over the memory bandwidth; in an update the
-    matmuls are bound by their FLOPs and the other operators by their bytes."""
+    returns): a decode step is bound by its launches when there are thousands of them, otherwise by these bytes over
+    the memory bandwidth; in an update the matmuls are bound by their FLOPs and the other operators by their bytes."""
 
     def __init__(self):
         super().__init__()
@@ -132,9 +135,6 @@ class Operators(TorchDispatchMode):
         self.kernels += 1
         self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
         return out
-
-
-LOOKUPS = (torch.ops.aten.embedding, torch.ops.aten.gather, torch.ops.aten.index_select, torch.ops.aten.index)
 
 
 def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
@@ -217,10 +217,10 @@ def simulate_rollout(config, B, P, T, fake=True, fused_norm=True):
 
 
 def decode_step(config, B, P, T, fake=True, fused_norm=True):
-    """(kernels, bytes moved, bytes of KV cache, bytes of weights) of one decode step of a rollout of B prompts of P
-    tokens with the policy adapter, as sampling.sample_ids runs it: a static cache of P + T slots, one new token
-    per row. The step reads every weight and, with a static cache, every slot, filled or not; a bandwidth-bound
-    step therefore reaches at most weights / bytes moved of the decode roofline (which counts the weights alone)."""
+    """(kernels, bytes moved, bytes of KV cache, bytes of weights read) of one decode step of a rollout of B
+    prompts of P tokens with the policy adapter, as sampling.sample_ids runs it: a static cache of P + T slots, one
+    new token per row. The step reads the weights and, with a static cache, every slot, filled or not; so a
+    bandwidth-bound step reaches at most weights / bytes moved of the decode roofline (which counts the weights)."""
     with FakeTensorMode() if fake else contextlib.nullcontext(), torch.no_grad():
         lm = random_lm(config, fused_norm)
         lm.hf.eval()
@@ -239,12 +239,14 @@ def decode_step(config, B, P, T, fake=True, fused_norm=True):
 
 
 def step_weight_bytes(lm, adapter="policy"):
-    """Bytes of the weights one decode step reads: the frozen base and the adapter that samples, less the input
-    embeddings (a step looks up one row per sequence; the LM head is read whole). The other adapters sit idle."""
-    embeddings = lm.hf.get_input_embeddings().weight
-    skip = {id(p) for name in lm.names if name != adapter for p in lm.adapter_params(name)}
-    skip |= {id(embeddings)} if embeddings is not lm.hf.get_output_embeddings().weight else set()
-    return sum(nbytes(p) for p in lm.hf.parameters() if id(p) not in skip)
+    """Bytes of the weights one decode step reads: the frozen base but its input embeddings (a step looks up one row
+    per sequence; the LM head is read whole), and the adapter that samples, in the base's dtype (LoRALinear.weights
+    casts it once per rollout). The other adapters sit idle in memory."""
+    head, embeddings = lm.hf.get_output_embeddings().weight, lm.hf.get_input_embeddings().weight
+    skip = {id(p) for name in lm.names for p in lm.adapter_params(name)}
+    skip |= {id(embeddings)} if embeddings is not head else set()
+    base = sum(nbytes(p) for p in lm.hf.parameters() if id(p) not in skip)
+    return base + sum(p.numel() for p in lm.adapter_params(adapter)) * embeddings.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------------------
