@@ -86,7 +86,7 @@ def torch_rms_norm(norm):
     backward (aten._fused_rms_norm, pytorch/pytorch#153666), keeping x and 1 / sqrt(mean(x^2) + eps) in between;
     transformers' runs 8 kernels forward and 14 backward, each a pass over the activations, and keeps a float32
     copy of x. In bf16 torch's rounds once where transformers' rounds twice (x / rms, then w times it). On a CPU
-    torch's is the same operations as transformers' (README, "A fused RMSNorm")."""
+    torch's is the same operations as transformers' (BENCHMARKS.md, "A fused RMSNorm")."""
     fused = nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
     fused.weight = norm.weight  # the same frozen parameter
     return fused
@@ -208,7 +208,7 @@ class AdapterLM(nn.Module):
         """The LM head in float32: logits = W h, (..., V). ETPO's Q is a difference of two logits, l_Q - l_bar
         (etpo.q_from_logits), later divided by beta (0.01 in the paper); bf16 rounds a logit of 16-32 to a multiple
         of 0.125, which would swamp it. On the tiny model run in bf16, the float32 head cuts the error of Q at the
-        taken tokens from 0.023 to 0.006 (README, "bf16 numerics")."""
+        taken tokens from 0.023 to 0.005 (BENCHMARKS.md, "bf16 numerics")."""
         return F.linear(hidden.float(), self.hf.get_output_embeddings().weight.float())
 
     def state_value(self, prompt_ids, prompt_mask, prompts=None):
