@@ -3,7 +3,8 @@ train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke 
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
 a short fixed-seed run raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
 infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
-layers; user errors, and running out of GPU memory, end with one sentence and a non-zero exit.
+layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; user
+errors, and running out of GPU memory, end with one sentence and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
@@ -104,6 +105,60 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: the GPU ran out of memory in the update at B = 4: " + advice), last
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
+
+
+# README, "Fork it": an environment needs only these members to drive train.py's loop, checkpoints included
+ANOTHER_ENV = """
+import numpy as np
+
+import env
+
+
+class Longer:
+    \"\"\"One-step episodes: the reward is the length of the action's text, up to 40 characters, over 40.\"\"\"
+
+    def __init__(self, dataset, n_envs, **unused):
+        self.n, self.prompts = n_envs, ["def f():\\n    "] * n_envs  # the current state of each episode
+        self.env_steps, self.episodes, self.best_reward, self.best_code = 0, 0, -1.0, None
+
+    def step(self, texts):
+        rewards = np.array([min(len(text), 40) / 40 for text in texts])  # (N,)
+        dones = np.ones(self.n)  # (N,) every episode ends after one action
+        infos = [{"code": text, "error": None, "reward": r, "step": 1} for text, r in zip(texts, rewards)]
+        best = int(rewards.argmax())
+        if rewards[best] > self.best_reward:
+            self.best_reward, self.best_code = float(rewards[best]), texts[best]
+        self.env_steps, self.episodes = self.env_steps + self.n, self.episodes + self.n
+        return rewards, dones, list(self.prompts), infos
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("env_steps", "episodes", "best_reward", "best_code")}
+
+    def load_state_dict(self, state):
+        self.__dict__.update(state)
+
+
+env.CodingEnv = Longer
+"""
+
+
+@pytest.mark.parametrize("algo", ["etpo", "ppo_kl"])
+def test_another_environment_drives_the_same_loop(algo, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ANOTHER_ENV)  # replaces env.CodingEnv, as a fork would
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])}
+    out = str(tmp_path / "run")
+    for steps, extra in (("8", []), ("16", ["--resume"])):
+        r = subprocess.run([sys.executable, "train.py", *TINY, "--algo", algo, "--n-envs", "4", "--rollout-steps", "1",
+                            "--steps", steps, "--out", out, *extra], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=environ)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(out)
+    assert [m["env_steps"] for m in rows] == [4, 8, 12, 16]  # the counters came back from the checkpoint
+    assert all(0 <= m["env/reward_mean"] <= 1 and m["env/first_try_reward"] == m["env/reward_mean"] for m in rows)
+    assert rows[-1]["env/auc_best"] == max(m["env/auc_best"] for m in rows) > 0
+    assert open(os.path.join(out, "best_code.py")).read().count("\n") >= 1
 
 
 def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
