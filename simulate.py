@@ -12,12 +12,14 @@ bench.py times on a real device: train.py's targets, Q step, policy step and Pol
                                                 # one decode step at B = 8 and 32
     python simulate.py --model tiny --batch 2 --prompt-len 32 --action-len 16 --gpu-gib 0.02   # + the check
     python simulate.py --model codellama/CodeLlama-13b-hf   # any Hugging Face architecture: its config alone
+    python simulate.py --by-module              # only one update's kernels and bytes, module by module (30 s)
 
 With `--model tiny` it also runs the same update, rollout and decode step on real tensors and prints both counts,
 which must be equal (tests/test_simulate.py). Departures from the paper: none; this file measures, it does not train.
 """
 
 import argparse
+import collections
 import contextlib
 import functools
 import math
@@ -135,6 +137,41 @@ class Operators(TorchDispatchMode):
         self.kernels += 1
         self.bytes += read + (read if written else sum(nbytes(t) for t in outputs.values()))
         return out
+
+
+class OperatorsByModule(Operators):
+    """Operators, each kernel also charged to where it runs (by_module: {where: [kernels, bytes moved]}, and
+    by_operator: {where: {operator: bytes moved}}): the innermost module of the model whose forward runs it, by class
+    (a LoRALinear's frozen matmul is its Linear's), the backward pass, or "outside the model" (ETPO's math, AdamW).
+    Which part of the model a fused kernel would pay off in, before a GPU says what the time is."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.by_module = collections.defaultdict(lambda: [0, 0])  # where -> [kernels, bytes moved]
+        self.by_operator = collections.defaultdict(collections.Counter)  # where -> {operator: bytes moved}
+        self.inside = []  # the classes of the modules whose forwards are running now, outermost first
+        self.hooks = [hook for m in lm.hf.modules() for hook in (
+            m.register_forward_pre_hook(lambda m, inputs: self.inside.append(type(m).__name__)),
+            m.register_forward_hook(lambda m, inputs, out: self.inside.pop() and None))]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kernels, moved = self.kernels, self.bytes
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.kernels == kernels:  # a view: no kernel, nothing moved
+            return out
+        if torch._C._current_autograd_node() is not None:  # the autograd engine is running a backward node
+            where = "backward"
+        else:
+            where = self.inside[-1] if self.inside else "outside the model"
+        self.by_module[where][0] += self.kernels - kernels
+        self.by_module[where][1] += self.bytes - moved
+        self.by_operator[where][func.overloadpacket.__name__] += self.bytes - moved
+        return out
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
 
 def nbytes(t):  # the bytes a tensor addresses: a broadcast (stride 0) dimension is read once
@@ -291,6 +328,7 @@ def main():
     parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for the largest B (80 GB H100: 78)")
     parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
                         "torch's fused one (model.torch_rms_norm): the figures before it")
+    parser.add_argument("--by-module", action="store_true", help="only the operators of one update, module by module")
     args = parser.parse_args()
     name, fused_norm = args.model, not args.transformers_norm
     B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
@@ -299,6 +337,20 @@ def main():
         simulate(config, 1, P, T, fused_norm=fused_norm)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.by_module:  # where the bytes of one update go: the modules whose forwards move them, and the backward
+        with FakeTensorMode():
+            lm = random_lm(config, fused_norm)
+            optimizers = adamw(lm)
+            update(lm, optimizers, B, P, T)  # creates the AdamW state
+            with OperatorsByModule(lm) as ops:
+                update(lm, optimizers, B, P, T)
+        print(f"| {name}, one update B={B} P={P} T={T}, by module | kernels | GB moved | share of the bytes | "
+              "largest operators (GB) |\n|---|---|---|---|---|")
+        for where, (kernels, moved) in sorted(ops.by_module.items(), key=lambda item: -item[1][1]):
+            largest = ", ".join(f"{op} {b / 1e9:,.3g}" for op, b in ops.by_operator[where].most_common(4))
+            print(f"| {where} | {kernels:,} | {moved / 1e9:,.4g} | {moved / ops.bytes:.1%} | {largest} |")
+        print(f"| all | {ops.kernels:,} | {ops.bytes / 1e9:,.4g} | | |")
+        return
     print(f"| {name}, P={P} T={T}, simulated{', transformers RMSNorm' if args.transformers_norm else ''} | peak of "
           "the update | held before it (weights, adapters, AdamW state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []

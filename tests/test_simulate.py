@@ -1,7 +1,8 @@
 """
 simulate.py on the tiny preset (small shapes): the update and the rollout simulated on fake tensors hold exactly the
 bytes the same update and rollout hold on real tensors, with and without gradient checkpointing and with one shared
-prompt; the largest batch fits the budget and the next does not; one shared prompt costs fewer FLOPs and bytes.
+prompt; the largest batch fits the budget and the next does not; one shared prompt costs fewer FLOPs and bytes; the
+by-module ledger charges every kernel once, to the module whose forward runs it or to the backward pass.
 
 Run: python -m pytest tests/test_simulate.py -q
 """
@@ -95,3 +96,27 @@ def test_operators_count_what_a_lookup_reads():
         with simulate.Operators() as ops:
             op()
         assert (ops.kernels, ops.bytes) == (1, moved)
+
+
+def test_operators_by_module_charge_each_kernel_once_to_the_module_running_it():
+    import torch
+
+    import model
+
+    lm = model.load("tiny", device="cpu")
+    B, P, T = 2, 8, 4
+    prompt_ids, prompt_mask = simulate.random_prompts(lm, B, P)
+    tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T))
+    with lm.adapter("q"), simulate.OperatorsByModule(lm) as ops:
+        loss = lm.action_logits(prompt_ids, prompt_mask, tokens, torch.ones(B, T)).logsumexp(-1).mean()
+        loss.backward()
+    charged = ops.by_module
+    assert [sum(c[i] for c in charged.values()) for i in (0, 1)] == [ops.kernels, ops.bytes]  # each kernel once
+    assert charged["Linear"][0] == len(lm.layers)  # one matmul per frozen projection; the LoRA terms are LoRALinear's
+    assert charged["LoRALinear"][0] > 0 and charged["backward"][0] > 0 and charged["outside the model"][0] > 0
+    norms = [m for m in lm.hf.modules() if isinstance(m, torch.nn.RMSNorm)]  # model.torch_rms_norm's, 2 per block + 1
+    x = torch.randn(B, P + T, lm.hf.config.hidden_size)  # the shape every norm sees here
+    with simulate.Operators() as one, torch.no_grad():
+        norms[0](x)
+    assert charged["RMSNorm"] == [len(norms) * one.kernels, len(norms) * one.bytes]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.hf.modules())  # the hooks are gone
