@@ -267,6 +267,11 @@ def report(results, methods, titles, out):
 
 def main():
     args = parser.parse_args()
+    for names, least, rule in ((("seeds", "steps", "n_envs", "max_new_tokens"), 1, "must be positive"),
+                               (("temperature", "top_k"), 0, "must be 0 or more")):  # one sentence, not a traceback
+        for name in names:
+            if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
+                sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]

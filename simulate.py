@@ -330,6 +330,9 @@ def main():
                         "torch's fused one (model.torch_rms_norm): the figures before it")
     parser.add_argument("--by-module", action="store_true", help="only the operators of one update, module by module")
     args = parser.parse_args()
+    for flag in ("batch", "prompt_len", "action_len", "gpu_gib"):  # one sentence, not a division by zero
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
     name, fused_norm = args.model, not args.transformers_norm
     B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
     config = load_config(name)

@@ -128,8 +128,20 @@ if args.resume:
     for key, value in saved.items():
         if key not in keep:
             setattr(args, key, value)  # the run continues with the configuration it started with
+checks = [  # a value out of range ends here with one sentence, not with a division by zero or a NaN mid-run
+    (("n_envs", "episode_steps", "rollout_steps", "max_new_tokens", "lora_rank", "q_steps", "ppo_epochs", "minibatches",
+      "save_every", "workers", "beta", "lr", "timeout", "huber_delta"), lambda v: v > 0, "must be positive"),
+    (("gamma", "tau", "lam", "gae_lambda", "clip"), lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    (("temperature", "top_k", "conservative", "grad_clip", "sample_every"), lambda v: v >= 0, "must be 0 or more")]
+for names, ok, rule in checks:
+    for name in names:
+        if getattr(args, name) is not None and not ok(getattr(args, name)):  # None: the default (all cores, MSE)
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} {rule}")
 batch = args.n_envs * args.rollout_steps  # derived numbers, computed once: transitions per iteration
 iterations = args.steps // batch
+if iterations < 1:
+    fail(f"--steps {args.steps} is less than one iteration ({batch} environment steps): raise --steps or lower "
+         "--n-envs")
 adapters = ("policy", "q", "q_target") if args.algo == "etpo" else ("policy", "value")
 print("config:", json.dumps(vars(args)))
 print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}")

@@ -79,6 +79,7 @@ def test_numerics_benchmark_on_a_checkpoint(ckpt):
     (["--model", "NO_SUCH_FOLDER"], "could not load the model"),
     (["--sample", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
     (["--numerics", "BAD"], "could not read the checkpoint"),
+    (["--iters", "0"], "--iters 0 must be positive"),
 ])
 def test_bad_input_ends_with_one_sentence(args, phrase, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

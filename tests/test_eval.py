@@ -122,7 +122,7 @@ def test_perplexity_of_the_reference_on_its_own_samples():
     assert evaluation.perplexity(lm, None, " ".join(words)) > first
 
 
-def test_untrained_model_without_checkpoint_and_bad_checkpoint(tmp_path):
+def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path):
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", "--n-envs", "4",
             "--max-new-tokens", "48", "--out", str(tmp_path / "e"))
     assert r.returncode == 0 and "| iris | " in r.stdout, r.stderr[-2000:]
@@ -130,3 +130,6 @@ def test_untrained_model_without_checkpoint_and_bad_checkpoint(tmp_path):
     bad.write_bytes(b"nope")
     r = run("eval.py", "--ckpt", str(bad), "--datasets", "iris")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: could not read the checkpoint")
+    r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--n-envs", "0")  # was max() of an empty sequence
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: --n-envs 0 must be positive"

@@ -224,6 +224,10 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
     (["--dataset", "iris", "--model", "tiny", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "tiny", "--n-envs", "0"], "--n-envs 0 must be positive"),  # was a ZeroDivision
+    (["--dataset", "iris", "--model", "tiny", "--beta", "0"], "--beta 0.0 must be positive"),
+    (["--dataset", "iris", "--model", "tiny", "--gamma", "1.5"], "--gamma 1.5 must lie in [0, 1]"),
+    (["--dataset", "iris", "--model", "tiny", "--steps", "8"], "--steps 8 is less than one iteration (32 environment"),
 ])
 def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
