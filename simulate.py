@@ -12,7 +12,7 @@ bench.py times on a real device: train.py's targets, Q step, policy step and Pol
                                                 # one decode step at B = 8 and 32
     python simulate.py --model tiny --batch 2 --prompt-len 32 --action-len 16 --gpu-gib 0.02   # + the check
     python simulate.py --model codellama/CodeLlama-13b-hf   # any Hugging Face architecture: its config alone
-    python simulate.py --by-module              # only one update's kernels and bytes, module by module (30 s)
+    python simulate.py --by-module              # only one update's kernels and bytes, module by module (about 40 s)
 
 With `--model tiny` it also runs the same update, rollout and decode step on real tensors and prints both counts,
 which must be equal (tests/test_simulate.py). Departures from the paper: none; this file measures, it does not train.
@@ -143,7 +143,7 @@ class OperatorsByModule(Operators):
     """Operators, each kernel also charged to where it runs (by_module: {where: [kernels, bytes moved]}, and
     by_operator: {where: {operator: bytes moved}}): the innermost module of the model whose forward runs it, by class
     (a LoRALinear's frozen matmul is its Linear's), the backward pass, or "outside the model" (ETPO's math, AdamW).
-    Which part of the model a fused kernel would pay off in, before a GPU says what the time is."""
+    It shows where fused kernels could pay off, before a GPU profile says what the time is."""
 
     def __init__(self, lm):
         super().__init__()
@@ -151,8 +151,8 @@ class OperatorsByModule(Operators):
         self.by_operator = collections.defaultdict(collections.Counter)  # where -> {operator: bytes moved}
         self.inside = []  # the classes of the modules whose forwards are running now, outermost first
         self.hooks = [hook for m in lm.hf.modules() for hook in (
-            m.register_forward_pre_hook(lambda m, inputs: self.inside.append(type(m).__name__)),
-            m.register_forward_hook(lambda m, inputs, out: self.inside.pop() and None))]
+            m.register_forward_pre_hook(lambda module, inputs: self.inside.append(type(module).__name__)),
+            m.register_forward_hook(lambda module, inputs, out: self.inside.pop() and None))]  # None: out unchanged
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kernels, moved = self.kernels, self.bytes
