@@ -150,9 +150,7 @@ class OperatorsByModule(Operators):
         self.by_module = collections.defaultdict(lambda: [0, 0])  # where -> [kernels, bytes moved]
         self.by_operator = collections.defaultdict(collections.Counter)  # where -> {operator: bytes moved}
         self.inside = []  # the classes of the modules whose forwards are running now, outermost first
-        self.hooks = [hook for m in lm.hf.modules() for hook in (
-            m.register_forward_pre_hook(lambda module, inputs: self.inside.append(type(module).__name__)),
-            m.register_forward_hook(lambda module, inputs, out: self.inside.pop() and None))]  # None: out unchanged
+        self.modules, self.hooks = list(lm.hf.modules()), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kernels, moved = self.kernels, self.bytes
@@ -167,6 +165,12 @@ class OperatorsByModule(Operators):
         self.by_module[where][1] += self.bytes - moved
         self.by_operator[where][func.overloadpacket.__name__] += self.bytes - moved
         return out
+
+    def __enter__(self):  # the hooks live as long as the mode: no module keeps one after the `with` block
+        self.hooks = [hook for m in self.modules for hook in (
+            m.register_forward_pre_hook(lambda module, inputs: self.inside.append(type(module).__name__)),
+            m.register_forward_hook(lambda module, inputs, out: self.inside.pop() and None))]  # None: out unchanged
+        return super().__enter__()
 
     def __exit__(self, *exc):
         for hook in self.hooks:
