@@ -155,7 +155,7 @@ if args.numerics:  # -----------------------------------------------------------
     torch.manual_seed(0)
     tokens, lengths, _ = sampling.generate(lm32, prompts, max_new_tokens=64)
     prompt_ids, prompt_mask = lm32.encode_prompts(prompts)
-    mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).long()
+    mask = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
     action = (prompt_ids, prompt_mask, tokens, mask)
 
     @torch.no_grad()
@@ -366,8 +366,8 @@ if cuda:  # the same update and rollouts on fake tensors (python simulate.py), n
         simulated = rollouts = f"failed: {e}"
     row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
     row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
-row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens, mask, y, ref logit of "
-    f"the taken token, prompt ids | |")
+row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
+    f"the ref logit of the taken token (float32), prompt ids (int32) and mask (bool) | |")
 
 if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from B
     for shared in (False, True):

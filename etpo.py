@@ -30,7 +30,7 @@ Legend (shapes; B = batch of transitions, T = action tokens, padded; V = vocabul
     rewards     (B,)       r_t, the environment's reward of the whole action
     next_values (B,)       V(x_{t+1}^0), soft value of the next state's empty prefix
     dones       (B,)       1.0 if the episode ended after this action
-    mask        (B, T)     1.0 on real action tokens, 0.0 on padding
+    mask        (B, T)     1 (True) on real action tokens, 0 (False) on padding; bool or float
     y           (B, T)     regression targets of the Q-values of the taken tokens
 """
 

@@ -233,15 +233,16 @@ class AdapterLM(nn.Module):
     # tokenization: the prompt and the action are encoded separately, so the action's token ids never change
 
     def encode_prompts(self, texts):
-        """Left-padded prompt ids (B, P) and mask; the tokenizer adds its BOS. Prompts longer than max_prompt_tokens
-        keep BOS and their tail (where the signature, the error and the instruction are)."""
+        """Left-padded prompt ids (B, P) int32 and mask (B, P) bool, 5 bytes a position where the tokenizer's int64
+        would take 16; the tokenizer adds its BOS. Prompts longer than max_prompt_tokens keep BOS and their tail
+        (where the signature, the error and the instruction are)."""
         ids = [self.tokenizer(t).input_ids for t in texts]
         if self.max_prompt_tokens:
             ids = [x if len(x) <= self.max_prompt_tokens else x[:1] + x[1 - self.max_prompt_tokens :] for x in ids]
         P = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        prompt_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids], device=self.device)  # (B, P)
-        prompt_mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, P)
+        prompt_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids], dtype=torch.int32, device=self.device)
+        prompt_mask = torch.tensor([[False] * (P - len(x)) + [True] * len(x) for x in ids], device=self.device)
         return prompt_ids, prompt_mask
 
     def decode(self, ids):

@@ -16,7 +16,7 @@ Departures from the paper: none in the math; the value network is a LoRA adapter
 
 Legend (shapes; N = parallel episodes, K = environment steps per rollout, B = K * N transitions):
     logp, ref_logp  (B, T)  log pi(w^j | x^{j-1}) and log pi_bar(w^j | x^{j-1}) of the sampled tokens
-    mask            (B, T)  1.0 on real action tokens
+    mask            (B, T)  1 (True) on real action tokens, 0 (False) on padding; bool or float
     rewards         (K, N)  r_t; dones (K, N) 1.0 if the episode ended after step t
     values          (K, N)  V(s_t); last_values (N,) V(s_K) to bootstrap the steps after the rollout
     advantages      (B,)    one per ACTION, broadcast to its tokens

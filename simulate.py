@@ -42,11 +42,11 @@ import sampling
 def random_prompts(lm, B, P, padded=False):
     """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) + 1 pad positions, as prompts
     of different lengths are left-padded in training (the model then builds its attention mask, as in training)."""
-    ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), device=lm.device)  # ids 0-2 are special in every preset
-    if not padded:
-        return ids, torch.ones_like(ids)
+    ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), dtype=torch.int32, device=lm.device)  # 0-2 are special
+    if not padded:  # int32 and bool, as AdapterLM.encode_prompts returns them
+        return ids, torch.ones_like(ids, dtype=torch.bool)
     pads = torch.arange(B, device=lm.device) % (P - 1) + 1  # (B,)
-    mask = (torch.arange(P, device=lm.device)[None] >= pads[:, None]).long()  # (B, P)
+    mask = torch.arange(P, device=lm.device)[None] >= pads[:, None]  # (B, P)
     return ids * mask, mask
 
 
@@ -68,7 +68,7 @@ def update(lm, optimizers, B, P, T, shared=False):
         prompt_ids, prompt_mask = random_prompts(lm, B, P, padded=True)
         prompts = None  # every row its own prompt
     tokens = torch.randint(3, lm.hf.config.vocab_size, (B, T), device=device)  # (B, T)
-    mask = torch.ones(B, T, device=device)  # (B, T)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T)
     lengths = torch.full((B,), T, device=device)
     action = (prompt_ids, prompt_mask, tokens, mask, prompts)
     with torch.no_grad():  # 3. targets: three forwards over the action, three over the next prompts

@@ -410,7 +410,7 @@ for it in range(start_it, iterations):
     infos = [info for s in steps for info in s[6]]
     prompts = [p for s in steps for p in s[0]]  # (B,) every episode's first step has the same prompt
     prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
-    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()  # (B, T) real tokens
+    mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) bool: the real tokens
     before = [p.detach().clone() for p in lm.adapter_params("policy")]
 
     # 3-6. the algorithm's update

@@ -51,8 +51,9 @@ def test_model_benchmark_on_cpu():
     row = re.search(r"\| FLOP per update \| \S+ \(matmuls (\S+), attention \S+\) \| (\S+) counted", out)
     matmuls, counted = row.groups()
     assert matmuls == counted
-    # per transition: prompt ids and mask (2 x 32 x 8 bytes), tokens (16 x 8), mask, y, ref logit (3 x 16 x 4)
-    assert "| stored per transition | 0.8 KiB |" in out
+    # per transition: prompt ids (32 x 4 bytes, int32) and mask (32 x 1, bool), tokens (16 x 8, int64), mask
+    # (16 x 1), y and ref logit (2 x 16 x 4, float32): 432 bytes (with int64 ids and masks and a float mask, 832)
+    assert "| stored per transition | 0.4 KiB |" in out
     # --profile: torch.profiler's operator tables of a rollout and of an update, the matmuls among them
     for job in ("rollout B=2, static cache:", "update B=2:"):
         table = out.split(f"\n{job}\n")[1]
