@@ -11,8 +11,9 @@ What a reader finds here, top to bottom:
 2. sample_ids: the loop itself. One prefill of the left-padded prompts (once per distinct prompt), then one
    token per step for every row, until each row has emitted EOS (or CodeLlama's <EOT>), completed a stop string,
    or reached max_new_tokens.
-3. cached_forward: the model with a static KV cache (every slot allocated once, each step writes its own) or
-   transformers' dynamic one; graph_step: one decode step recorded and replayed as a CUDA graph.
+3. cached_forward: the model with a static KV cache (every slot allocated once, each step writes its own and
+   attends to the filled ones) or transformers' dynamic one; graph_step: one decode step recorded and replayed as a
+   CUDA graph.
 4. sample: temperature, top-k and nucleus (top-p) sampling.
 
 Departures from the paper: none. The loop is written out, not handed to transformers' generate(), so that a reader
@@ -56,9 +57,10 @@ def sample_ids(lm, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256
     order); tests/test_sampling.py checks that the sampled tokens are the same.
 
     cache="static" preallocates the keys and values of all P + max_new_tokens positions and writes each step's in
-    place; "dynamic" (transformers' default) concatenates each step's onto a copy of the whole cache, which reads
-    and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that is ~17 GB per step,
-    more than the 13.5 GB of weights (bench.py measures both).
+    place; a decode step's attention reads the filled slots only (P + T/2 of P + T on average over an action), a
+    CUDA graph's all of them. "dynamic" (transformers' default) concatenates each step's onto a copy of the whole
+    cache, which reads and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that
+    is ~17 GB per step, more than the 13.5 GB of weights (bench.py measures both).
 
     cuda_graph=True (static cache, CUDA, transformers 5) replays one recorded decode step for every further token
     (graph_step): thousands of kernel launches and their Python become one launch. Not yet run on a GPU as of this
@@ -130,13 +132,23 @@ def completed_stop(lm, tails, done, stop_strings):
 def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
     """A KV cache for `rows` sequences of mask.shape[1] slots, and forward(ids, positions, start, mask): the logits
     (rows, V) after ids (rows, n), whose keys and values go into the cache's slots start .. start + n - 1.
-    mask (rows, slots), 1 = attend: the caller marks each slot once it is filled."""
+    mask (rows, slots), 1 = attend: the caller marks each slot once it is filled. With the static cache a decode
+    step reads the filled slots 0 .. start only: the cache hands attention views of those (transformers' own update
+    returns every slot) and the mask covers the same ones. A prefill, and a CUDA graph's step, read every slot."""
     from transformers import DynamicCache, StaticCache
 
     static = cache == "static"
+    read = mask.shape[1]  # the slots 0 .. read - 1 whose keys and values a step's attention reads
     if static:  # max_batch_size, device, dtype: transformers 4.x needs them, 5.x allocates at the first write
         kv = StaticCache(config=lm.hf.config, max_batch_size=rows, max_cache_len=mask.shape[1], device=lm.device,
                          dtype=lm.hf.dtype)
+        write = kv.update  # transformers' own: writes a step's keys and values, returns those of every slot
+
+        def update(key_states, value_states, layer_idx, *args, **kwargs):  # ... of the first `read` slots only
+            keys, values = write(key_states, value_states, layer_idx, *args, **kwargs)
+            return keys[:, :, :read], values[:, :, :read]  # (rows, heads, read, dim) views: nothing is copied
+
+        kv.update = update
     else:
         kv = DynamicCache()
     # transformers 4.x takes the cache slots to write (it guesses them wrongly when row 0 starts with padding); 5.x
@@ -146,11 +158,14 @@ def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
         raise ValueError("cuda_graph needs cache='static' and transformers 5 or later")
 
     def forward(ids, positions, start, mask=mask):
+        nonlocal read
         n = ids.shape[1]
         slots = {"cache_position": torch.arange(start, start + n, device=lm.device)} if explicit_slots else {}
-        seen = mask if static else mask[:, : start + n]  # a static cache attends over all its slots
-        if static and n == 1:  # one new token sees exactly the filled slots: handing that over as a
-            seen = seen[:, None, None, :].bool()  # (B, 1, 1, slots) mask saves transformers ~9 kernels a step
+        seen = mask if static else mask[:, : start + n]  # a prefill into a static cache: a mask of all its slots
+        read = mask.shape[1]
+        if static and n == 1:  # a decode step: the new token sees exactly the filled slots 0 .. start
+            read = read if cuda_graph else start + 1  # (a CUDA graph reads them all: its shapes are fixed)
+            seen = seen[:, None, None, :read].bool()  # handed over as (B, 1, 1, read): ~9 kernels fewer a step
         out = lm.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv, use_cache=True,
                     logits_to_keep=1, **slots)
         return out.logits[:, -1].float()  # (rows, V)

@@ -1,10 +1,10 @@
 """
 sampling.py on the offline `tiny` preset (CPU, no downloads): cached sampling (static and dynamic KV cache) equals
-uncached greedy decoding, both caches sample the same tokens, rows with one prompt share its prefill and still
-sample the tokens of a prefill per row, a static-cache decode step reads no value back (what a CUDA graph needs), a
-rollout reads back once per step, a decode step recorded once and replayed (a CUDA graph's semantics, emulated on
-the CPU) samples the same tokens, top-k and top-p restrict the support, and stop strings end an action at the token
-that completes them.
+uncached greedy decoding, both caches sample the same tokens, a static-cache decode step reads the filled slots
+only, rows with one prompt share its prefill and still sample the tokens of a prefill per row, a static-cache decode
+step reads no value back (what a CUDA graph needs), a rollout reads back once per step, a decode step recorded once
+and replayed (a CUDA graph's semantics, emulated on the CPU) samples the same tokens, top-k and top-p restrict the
+support, and stop strings end an action at the token that completes them.
 
 Run: python -m pytest tests/test_sampling.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
@@ -48,6 +48,32 @@ def test_static_and_dynamic_caches_sample_the_same_tokens(lm):
             for cache in ("static", "dynamic")]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert runs[0][1].max() == 30  # the run fills the static cache to its last slot
+
+
+class KeyLengths(TorchDispatchMode):
+    """The number of keys each attention kernel reads (the key tensor's third dimension)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__:  # on a CPU, _scaled_dot_product_flash_attention_for_cpu
+            self.lengths.append(args[1].shape[2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_cache_decode_step_reads_the_filled_slots_only(lm):
+    # the prefill attends over the P + T slots with the padding mask transformers builds; then step t (writing
+    # slot P + t) reads slots 0 .. P + t, not the empty ones after them, in every layer. The tokens are those of
+    # the dynamic cache, which holds the filled slots only (test_static_and_dynamic_caches_sample_the_same_tokens)
+    prompt_ids, prompt_mask = lm.encode_prompts(PROMPTS)
+    P, T, layers = prompt_ids.shape[1], 12, lm.hf.config.num_hidden_layers
+    with KeyLengths() as keys:
+        tokens, lengths = sampling.sample_ids(lm, prompt_ids, prompt_mask, max_new_tokens=T, temperature=0.0)
+    steps = int(lengths.max()) - 1  # the prefill gives the first token, each decode step one more
+    assert steps > 3
+    assert keys.lengths == [P + T] * layers + [P + t + 1 for t in range(steps) for _ in range(layers)]
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
