@@ -151,9 +151,12 @@ def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
         kv.update = update
     else:
         kv = DynamicCache()
+    parameters = inspect.signature(lm.hf.forward).parameters
     # transformers 4.x takes the cache slots to write (it guesses them wrongly when row 0 starts with padding); 5.x
     # counts them in the cache itself
-    explicit_slots = "cache_position" in inspect.signature(lm.hf.forward).parameters
+    explicit_slots = "cache_position" in parameters
+    # the cache's keyword: `cache` since transformers 5.24, `past_key_values` before (deprecated there, removed in 5.40)
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"
     if cuda_graph and (not static or explicit_slots):  # (and a CUDA device: torch.cuda says so itself)
         raise ValueError("cuda_graph needs cache='static' and transformers 5 or later")
 
@@ -166,8 +169,8 @@ def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
         if static and n == 1:  # a decode step: the new token sees exactly the filled slots 0 .. start
             read = read if cuda_graph else start + 1  # (a CUDA graph reads them all: its shapes are fixed)
             seen = seen[:, None, None, :read].bool()  # handed over as (B, 1, 1, read): ~9 kernels fewer a step
-        out = lm.hf(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=kv, use_cache=True,
-                    logits_to_keep=1, **slots)
+        out = lm.hf(input_ids=ids, attention_mask=seen, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_argument: kv}, **slots)
         return out.logits[:, -1].float()  # (rows, V)
 
     return kv, forward

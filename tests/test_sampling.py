@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_sampling.py -q   (the first run builds the tiny
 """
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -109,6 +110,7 @@ class ReadBacks(TorchDispatchMode):
         self.in_forward, self.per_forward, self.outside = False, [], 0
         forward = lm.hf.forward
 
+        @functools.wraps(forward)  # keeps forward's signature, which sampling.cached_forward reads
         def marked(*args, **kwargs):
             self.in_forward = True
             self.per_forward.append(0)

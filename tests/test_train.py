@@ -1,7 +1,7 @@
 """
 train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
-a short fixed-seed run raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
+the README's CPU demo raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
 infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
 layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; user
 errors, and running out of GPU memory, end with one sentence and a non-zero exit.
@@ -178,12 +178,18 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
     assert r.returncode != 0 and "already holds a run" in r.stderr
 
 
-def test_short_run_raises_the_reward_of_first_attempts(tmp_path):
+def test_the_cpu_demo_raises_the_reward_of_first_attempts(tmp_path):
+    # the README's CPU demo as a user runs it (30 iterations of 32 episodes). A CPU of another make, or another
+    # transformers release, rounds differently and so samples other tokens from the first iteration on: what carries
+    # over is the spread of the gain over seeds. Measured (last 5 iterations minus the first 3): +0.28 .. +0.49 over
+    # seeds 0-5 on an AMD EPYC with transformers 5.24; +0.65 on average over seeds 0-2 on an Intel Xeon with 5.23
+    # (README). A 16-iteration run (512 steps) was too short: on the AMD machine its gain went from -0.13 to +0.46.
     out = str(tmp_path / "learn")
-    r = train("--model", "tiny", "--dataset", "breast_cancer", "--steps", "512", "--sample-every", "0", "--out", out)
+    r = train("--model", "tiny", "--dataset", "breast_cancer", "--sample-every", "0", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     first = [m["env/first_try_reward"] for m in metrics(out)]
-    start, end = sum(first[:3]) / 3, sum(first[-3:]) / 3
+    assert len(first) == 30
+    start, end = sum(first[:3]) / 3, sum(first[-5:]) / 5
     assert end > start + 0.2, (start, end)
 
 
