@@ -12,7 +12,7 @@ the same update's memory and operators on fake tensors, without a GPU.
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
-    python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable and distinct of 64 programs
+    python bench.py --sample breast_cancer --model tiny  # the reference policy: runnable share of 256 programs
     python bench.py --numerics RUN/ckpt.pt             # bf16 against float32: the error of Q and of pi*
     python bench.py --profile                          # the same, then the top operators of a rollout and an update
     python simulate.py                                 # memory of an update and a rollout, simulated (no GPU)
@@ -49,14 +49,15 @@ parser.add_argument("--profile", action="store_true", help="also print torch.pro
 parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
                     "torch's fused one (model.torch_rms_norm): the figures before it")
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
-parser.add_argument("--sample", default=None, help="sample 64 programs from the reference policy on this dataset")
+parser.add_argument("--sample", default=None, help="sample programs from the reference policy on this dataset")
+parser.add_argument("--samples", type=int, default=256, help="programs to sample (--sample), 64 rows at a time")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
 parser.add_argument("--numerics", default=None, help="a train.py checkpoint: its Q in bf16 against float32")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
 args = parser.parse_args()
-for name in ("batch", "prompt_len", "action_len", "iters", "workers"):  # one sentence, not a division by zero
+for name in ("batch", "prompt_len", "action_len", "iters", "workers", "samples"):  # one sentence, not a division by zero
     if getattr(args, name) < 1:
         sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be positive")
 fused_norm = not args.transformers_norm  # model.torch_rms_norm's fused RMSNorm, as train.py runs
@@ -118,18 +119,24 @@ if args.sample:  # -------------------------------------------------------------
         lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
                         fused_norm=fused_norm, adapters=())  # the reference samples: no adapters
     load_s = time.perf_counter() - t0
-    torch.manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     prompt = env.task_prompt(dataset, lm.supports_infill)
-    _, _, texts = sampling.generate(lm, [prompt] * 64, adapter=None, max_new_tokens=args.action_len,
-                                    temperature=args.temperature, stop_strings=env.STOP_STRINGS)
+    texts = []
+    for start in range(0, args.samples, 64):  # one draw of 64 programs varies a lot: 21 to 38 runnable (tiny)
+        texts += sampling.generate(lm, [prompt] * min(64, args.samples - start), adapter=None,
+                                   max_new_tokens=args.action_len, temperature=args.temperature,
+                                   stop_strings=env.STOP_STRINGS, generator=generator)[2]
     sandbox = execution.Sandbox(workers=args.workers)
     results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
     sandbox.close()
-    runnable = sum(error is None for _, error in results)
-    mean = sum(reward for reward, _ in results) / len(results)
-    print(f"| model | dataset | temperature | runnable of 64 | distinct programs | mean reward | load (s) |\n"
-          f"|---|---|---|---|---|---|---|\n| {lm.name} | {dataset.name} | {args.temperature} | {runnable} "
-          f"| {len(set(texts))} | {mean:+.3f} | {load_s:.1f} |")
+    n = len(results)
+    runnable = sum(error is None for _, error in results) / n
+    rewards = torch.tensor([reward for reward, _ in results], dtype=torch.float64)
+    # standard errors of the mean over the n samples: sqrt(p (1 - p) / n) and std(r) / sqrt(n)
+    print(f"| model | dataset | temperature | programs | runnable | distinct | mean reward | load (s) |\n"
+          f"|---|---|---|---|---|---|---|---|\n| {lm.name} | {dataset.name} | {args.temperature} | {n} "
+          f"| {runnable:.2f} ± {(runnable * (1 - runnable) / n) ** 0.5:.2f} | {len(set(texts))} "
+          f"| {rewards.mean():+.3f} ± {rewards.std() / n ** 0.5:.3f} | {load_s:.1f} |")
     raise SystemExit
 
 if args.numerics:  # ----------------------------------------------------------------------------------------------

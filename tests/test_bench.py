@@ -63,8 +63,12 @@ def test_model_benchmark_on_cpu():
 def test_environment_and_sampling_benchmarks():
     out = bench("--env", "iris")
     assert re.search(r"\| iris \| 16 \| \d+ \| 2 \| [\d.]+ \| [\d.]+ \|", out)
-    out = bench("--sample", "iris", "--model", "tiny", "--action-len", "96")
-    assert re.search(r"\| tiny \| iris \| 1.0 \| \d+ \| \d+ \| [+-][\d.]+ \|", out)
+    out = bench("--sample", "iris", "--model", "tiny", "--action-len", "96", "--samples", "80")  # 64 rows, then 16
+    runnable, error, distinct, reward, reward_error = re.search(
+        r"\| tiny \| iris \| 1.0 \| 80 \| (\S+) ± (\S+) \| (\d+) \| ([+-][\d.]+) ± (\S+) \|", out).groups()
+    assert 0 <= float(runnable) <= 1 and 1 <= int(distinct) <= 80 and -1 <= float(reward) <= 1
+    p = float(runnable)  # its standard error, as printed: sqrt(p (1 - p) / n)
+    assert abs(float(error) - (p * (1 - p) / 80) ** 0.5) <= 0.006 and float(reward_error) >= 0
 
 
 def test_numerics_benchmark_on_a_checkpoint(ckpt):
