@@ -13,7 +13,8 @@ never forked, since torch and OpenMP state do not survive fork). Each program ge
 group (killed as a whole when it ends or times out, children included), a wall-clock timeout, a CPU-time limit,
 an address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
 HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread, fixed
-random seeds, and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
+random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets,
+and an error becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
 directory. The trainer talks to the server through a pipe with a deadline and restarts it if it dies.
 It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
 process that calls setsid leaves the process group, reading files and using the network are allowed. Run
@@ -263,9 +264,10 @@ class Sandbox:
         self.proc, self.sent, self.cache = None, set(), {}
 
     def _start(self):
-        thread_env = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        fixed = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        fixed["PYTHONHASHSEED"] = "0"  # the server's, and so its forked children's, set order: the same every run
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={**os.environ, **thread_env}, start_new_session=True)
+                                     stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
         self.sent = set()
 
     def run(self, sources, dataset, heldout=False, timeout=60.0):

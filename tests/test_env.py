@@ -193,6 +193,21 @@ def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
         sb.close()
 
 
+def test_an_error_that_prints_a_set_reads_the_same_in_every_sandbox(iris):
+    # scikit-learn's parameter errors print sets ("must be a str among {'uniform', 'distance'}"), and an error becomes
+    # the next prompt: with Python's per-process string hashes, the same program gave two runs of one seed different
+    # prompts from then on. Each new Sandbox starts a new server; all of them must print the same order.
+    code = body("raise ValueError(str({'uniform', 'distance', 'auto', 'ball_tree', 'kd_tree', 'brute'}))")
+    errors = set()
+    for _ in range(3):
+        sb = execution.Sandbox(workers=1)
+        try:
+            errors.add(sb.run([code], iris, timeout=10)[0][1])
+        finally:
+            sb.close()
+    assert len(errors) == 1 and "ValueError" in errors.pop()
+
+
 def test_body_extraction_and_reflection_prompt(sandbox, iris):
     text = "def build_model(x_train, y_train):\n\tmodel = 1\n    return model\n\nprint('hi')\n```\n"
     assert env.extract_body(text) == "    model = 1\n    return model\n"
