@@ -57,7 +57,7 @@ parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
 args = parser.parse_args()
-for name in ("batch", "prompt_len", "action_len", "iters", "workers", "samples"):  # one sentence, not a division by zero
+for name in ("batch", "prompt_len", "action_len", "iters", "workers", "samples"):  # one sentence, not a ZeroDivision
     if getattr(args, name) < 1:
         sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be positive")
 fused_norm = not args.transformers_norm  # model.torch_rms_norm's fused RMSNorm, as train.py runs

@@ -14,11 +14,11 @@ group (killed as a whole when it ends or times out, children included), a wall-c
 an address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
 HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread, fixed
 random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets,
-and an error becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
-directory. The trainer talks to the server through a pipe with a deadline and restarts it if it dies.
-It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
-process that calls setsid leaves the process group, reading files and using the network are allowed. Run
-untrusted models in a container or VM if that matters to you.
+and an error becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files
+outside the scratch directory. The trainer talks to the server through a pipe with a deadline and restarts it if
+it dies. It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook,
+a process that calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted
+models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
