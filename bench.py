@@ -51,6 +51,7 @@ parser.add_argument("--transformers-norm", action="store_true", help="keep trans
 parser.add_argument("--env", default=None, help="benchmark the environment on this dataset instead of the model")
 parser.add_argument("--sample", default=None, help="sample programs from the reference policy on this dataset")
 parser.add_argument("--samples", type=int, default=256, help="programs to sample (--sample), 64 rows at a time")
+parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (--sample)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
 parser.add_argument("--numerics", default=None, help="a train.py checkpoint: its Q in bf16 against float32")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
@@ -119,7 +120,7 @@ if args.sample:  # -------------------------------------------------------------
         lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
                         fused_norm=fused_norm, adapters=())  # the reference samples: no adapters
     load_s = time.perf_counter() - t0
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     prompt = env.task_prompt(dataset, lm.supports_infill)
     texts = []
     for start in range(0, args.samples, 64):  # one draw of 64 programs varies a lot: 21 to 38 runnable (tiny)
