@@ -13,9 +13,10 @@ What a reader finds here, top to bottom:
    float32; rows with one prompt run it once), prompts encoded and actions decoded, save / load adapters without
    the base weights; torch's fused RMSNorm in place of transformers'. Sampling actions, with a KV cache, is
    sampling.py's.
-3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf), `tiny` (tiny.py: built
-   offline and warm-started on a small corpus of scikit-learn code, so a CPU run has signal), `codellama-7b-arch`
-   (CodeLlama-7B's exact shapes with random weights, for benchmarks without a download).
+3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf; offline, a cached one loads at
+   once), `tiny` (tiny.py: built offline and warm-started on a small corpus of scikit-learn code, so a CPU run has
+   signal), `codellama-7b-arch` (CodeLlama-7B's exact shapes with random weights, for benchmarks without a
+   download).
 
 Departures from the paper: 1. LoRA adapters instead of four full fine-tuned copies (the official code
 fine-tunes all weights of four fp16 models on 8 GPUs). 2. Adapters and their optimizer state are fp32
@@ -25,6 +26,9 @@ while the base is bf16, since updates of lr 1e-6 vanish in bf16.
 import contextlib
 import copy
 import math
+import os
+import socket
+import urllib.parse
 
 import torch
 import torch.nn as nn
@@ -320,6 +324,21 @@ def rows_per_sequence(config, P, T):
 # 3. Presets
 
 
+def hub_options(name, timeout=3.0):
+    """from_pretrained's options for `name`: {"local_files_only": True} when it is a Hub id and the Hub cannot be
+    reached, else {}. Offline, huggingface_hub retries a request 5 times with backoff (about 25 s) before transformers
+    looks in its cache; one quick connection test lets an offline machine load a cached model, or fail, at once.
+    Behind a proxy (HTTPS_PROXY, ALL_PROXY) the test is skipped: only the proxy knows whether the Hub is there."""
+    if os.path.isdir(name) or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return {}
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return {}
+    except OSError:  # no route, no DNS, refused or timed out
+        return {"local_files_only": True}
+
+
 def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
          checkpointing=False, adapters=ADAPTERS, fused_norm=True):
     """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
@@ -342,14 +361,15 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
         lm = AdapterLM(build_random(codellama_7b_config(), device), None, **options)
     else:
         try:
-            config = AutoConfig.from_pretrained(name)
+            hub = hub_options(name)  # offline: the local Hugging Face cache only, at once
+            config = AutoConfig.from_pretrained(name, **hub)
             billions = approx_parameters(config) / 1e9
             if device.type != "cuda" and billions > 1.0:
                 raise RuntimeError(f"{name} has about {billions:.0f}B parameters and needs a CUDA GPU, and none is "
                                    "visible: use --model tiny on a CPU")
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(name, **hub)
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            hf = AutoModelForCausalLM.from_pretrained(name, **dtype_argument(dtype)).to(device)
+            hf = AutoModelForCausalLM.from_pretrained(name, **hub, **dtype_argument(dtype)).to(device)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine "
                                "is offline, pass a local path with --model or use --model tiny") from None

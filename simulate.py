@@ -321,7 +321,8 @@ def load_config(name):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)  # the config alone: a few kB, no weights are downloaded
+        # the config alone: a few kB, no weights are downloaded; offline, the local cache only (model.hub_options)
+        return AutoConfig.from_pretrained(name, **model.hub_options(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); pass a "
                          "Hugging Face id or a local folder, or use --model codellama-7b-arch") from None

@@ -10,6 +10,12 @@ then the same exact logits. The sampling loop: tests/test_sampling.py.
 Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny model once, ~35 s on 2 cores)
 """
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -385,6 +391,34 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
             model.load(seven_b_config(tmp_path / "7b"), device="cpu")
     with pytest.raises(RuntimeError, match="could not load the model .* pass a local path with --model"):
         model.load(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, monkeypatch, codellama_dir):
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    listening = socket.create_server(("127.0.0.1", 0))  # a Hub that answers: downloads stay on
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+    assert model.hub_options("some-org/some-model") == {}
+    listening.close()  # nothing listens there now: a refused connection, as on a machine with no network
+    assert model.hub_options("some-org/some-model") == {"local_files_only": True}
+    assert model.hub_options(codellama_dir) == {}  # a local folder never needs the Hub
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert model.hub_options("some-org/some-model") == {}  # only the proxy knows whether the Hub is there
+    monkeypatch.delenv("HTTPS_PROXY")
+    # a model downloaded earlier sits in the Hugging Face cache: models--ORG--NAME/snapshots/COMMIT, refs/main
+    commit = "0" * 40
+    shutil.copytree(codellama_dir, tmp_path / "hub" / "models--some-org--cached" / "snapshots" / commit)
+    (tmp_path / "hub" / "models--some-org--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--cached" / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
+    load = "import model; lm = model.load('some-org/{}', device='cpu'); print(lm.hf.config.hidden_size)"
+    r = subprocess.run([sys.executable, "-c", load.format("cached")], cwd=os.path.dirname(model.__file__), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["32"], r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", load.format("not-cached")], cwd=os.path.dirname(model.__file__),
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert "could not load the model 'some-org/not-cached'" in r.stderr and "pass a local path" in r.stderr
+    assert "Retrying" not in r.stderr  # huggingface_hub's 5 retries with backoff (about 25 s) were skipped
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
