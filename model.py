@@ -326,8 +326,8 @@ def rows_per_sequence(config, P, T):
 
 def hub_options(name, timeout=3.0):
     """from_pretrained's options for `name`: {"local_files_only": True} when it is a Hub id and the Hub cannot be
-    reached, else {}. Offline, huggingface_hub retries a request 5 times with backoff (about 25 s) before transformers
-    looks in its cache; one quick connection test lets an offline machine load a cached model, or fail, at once.
+    reached, else {}. Offline, huggingface_hub retries each file's request 5 times with backoff (about 25 s a file)
+    before transformers looks in its cache; one quick connection test lets an offline machine load a cached model, or fail, at once.
     Behind a proxy (HTTPS_PROXY, ALL_PROXY) the test is skipped: only the proxy knows whether the Hub is there."""
     if os.path.isdir(name) or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return {}

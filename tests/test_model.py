@@ -415,6 +415,7 @@ def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, m
     r = subprocess.run([sys.executable, "-c", load.format("cached")], cwd=os.path.dirname(model.__file__), env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["32"], r.stderr[-2000:]
+    assert "Retrying" not in r.stderr  # loaded from the cache at once, not after the Hub's retries
     r = subprocess.run([sys.executable, "-c", load.format("not-cached")], cwd=os.path.dirname(model.__file__),
                        env=env, capture_output=True, text=True, timeout=120)
     assert "could not load the model 'some-org/not-cached'" in r.stderr and "pass a local path" in r.stderr
