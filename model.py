@@ -324,12 +324,16 @@ def rows_per_sequence(config, P, T):
 # 3. Presets
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def hub_options(name, timeout=3.0):
     """from_pretrained's options for `name`: {"local_files_only": True} when it is a Hub id and the Hub cannot be
     reached, else {}. Offline, huggingface_hub retries each file's request 5 times with backoff (about 25 s a file)
-    before transformers looks in its cache; one quick connection test lets an offline machine load a cached model, or fail, at once.
-    Behind a proxy (HTTPS_PROXY, ALL_PROXY) the test is skipped: only the proxy knows whether the Hub is there."""
-    if os.path.isdir(name) or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    before transformers looks in its cache; one quick connection test lets an offline machine load a cached model,
+    or fail, at once. Behind a proxy (PROXY_VARIABLES) the test is skipped: only the proxy knows whether the Hub is
+    there."""
+    if os.path.isdir(name) or any(os.environ.get(v) for v in PROXY_VARIABLES):
         return {}
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:

@@ -394,7 +394,7 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
 
 
 def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, monkeypatch, codellama_dir):
-    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for proxy in model.PROXY_VARIABLES:
         monkeypatch.delenv(proxy, raising=False)
     listening = socket.create_server(("127.0.0.1", 0))  # a Hub that answers: downloads stay on
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
