@@ -343,6 +343,26 @@ def hub_options(name, timeout=3.0):
         return {"local_files_only": True}
 
 
+def resolve_device(device=None):
+    """torch.device(device), by default cuda when torch sees a GPU and cpu otherwise; a device that this machine does
+    not have is a ValueError of one sentence here, not an AssertionError deep inside the first .to(device)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device torch knows: pass cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no GPU on this machine"
+            raise ValueError(f"--device {device} asks for a CUDA GPU and {why}: drop --device to run on the CPU "
+                             "(with --model tiny), or install torch's CUDA build on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
          checkpointing=False, adapters=ADAPTERS, fused_norm=True):
     """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
@@ -352,7 +372,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type == "cuda":  # the float32 head (AdapterLM.head) multiplies bf16 values, which TF32 holds exactly
         torch.backends.cuda.matmul.allow_tf32 = True
     options = dict(r=r, alpha=alpha, targets=targets, adapters=adapters, name=name, fused_norm=fused_norm)

@@ -230,6 +230,8 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
     (["--dataset", "iris", "--model", "tiny", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "tiny", "--device", "NO_GPU"], "--device cuda asks for a CUDA GPU"),
+    (["--dataset", "iris", "--model", "tiny", "--device", "gpu"], "--device gpu is not a device torch knows"),
     (["--dataset", "iris", "--model", "tiny", "--n-envs", "0"], "--n-envs 0 must be positive"),  # was a ZeroDivision
     (["--dataset", "iris", "--model", "tiny", "--beta", "0"], "--beta 0.0 must be positive"),
     (["--dataset", "iris", "--model", "tiny", "--gamma", "1.5"], "--gamma 1.5 must lie in [0, 1]"),
@@ -239,6 +241,10 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    if "NO_GPU" in args:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        args = [a.replace("NO_GPU", "cuda") for a in args]
     if "SEVEN_B" in args:
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
