@@ -37,6 +37,8 @@ KAGGLE = {  # name: (file in data_dir/name/, target column, columns to drop: row
 }
 SKLEARN = ("breast_cancer", "wine", "iris", "digits")
 MAX_ROWS, HELDOUT, SEED = 2000, 0.2, 0
+MIN_CLASS_ROWS = 4  # rows a class needs: 2 left after the 20% held out, one per side of each stratified 50/50 split
+#                    (with a margin; the rarest class of the paper's datasets, in balance_scale, has 4)
 SIGNATURE = "def build_model(x_train, y_train):\n"
 STOP_STRINGS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", "\n#", "\nimport ", "\nfrom ")
 
@@ -129,6 +131,16 @@ def prepare(name, df, target, source):
     df = df.sample(frac=KEEP_FRACTION.get(name, 1.0), random_state=SEED).iloc[:MAX_ROWS].reset_index(drop=True)
     labels = sorted(df[target].astype(str).unique())
     y = df[target].astype(str).map({v: i for i, v in enumerate(labels)}).to_numpy(np.int64)
+    counts = np.bincount(y, minlength=len(labels))
+    if len(labels) < 2:  # the reward is a ROC AUC: every program would score -1, and training would learn nothing
+        raise ValueError(f"the target '{target}' of {name} has {len(labels)} class ({labels[:1]}); the reward is a "
+                         "ROC AUC, which needs at least two: pass another target column (path.csv:column)")
+    if counts.min() < MIN_CLASS_ROWS:  # else a split can leave a class out of x_train, and every program fails there
+        rare = [labels[i] for i in np.flatnonzero(counts < MIN_CLASS_ROWS)]
+        raise ValueError(f"the target '{target}' of {name} has {len(rare)} of its {len(labels)} classes with fewer "
+                         f"than {MIN_CLASS_ROWS} rows (e.g. {rare[0]!r}): each of the reward's 50/50 splits needs "
+                         "every class on both sides; drop or merge those rows"
+                         + (" (is it a regression target?)" if len(rare) > len(labels) / 2 else ""))
     columns, lines = [], []
     for i, col in enumerate(c for c in df.columns if c != target):
         s = df[col]
@@ -141,8 +153,7 @@ def prepare(name, df, target, source):
             lines.append(f"#   {i}: {col} (categorical, {s.nunique()} values coded 0..{s.nunique() - 1})")
             columns.append(np.where(codes < 0, codes.max() + 1, codes))
     X = np.stack(columns, axis=1).astype(np.float64)  # (n, d)
-    counts = np.bincount(y, minlength=len(labels))
-    stratify = y if counts.min() >= 2 else None
+    stratify = y
     X, X_test, y, y_test = train_test_split(X, y, test_size=HELDOUT, random_state=SEED, stratify=stratify)
     description = (f"# Dataset: {name} ({source}), {len(df)} rows, {X.shape[1]} features.\n"
                    f"# Target: {target}, {len(labels)} classes: "

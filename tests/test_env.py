@@ -107,6 +107,28 @@ def test_csv_path_with_target_column(tmp_path):
     assert d.X.shape == (160, 4) and d.name == "mine" and "color (categorical" in d.description
 
 
+def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_class_scores(tmp_path, sandbox):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 2))
+
+    def csv(labels):
+        path = tmp_path / f"{len(set(labels))}-{min(labels.count(v) for v in set(labels))}.csv"
+        path.write_text("\n".join(["a,b,y"] + [f"{r[0]},{r[1]},{v}" for r, v in zip(x, labels)]))
+        return str(path)
+
+    with pytest.raises(ValueError, match="has 1 class .* needs at least two"):
+        env.load_dataset(csv(["yes"] * 100))
+    rare = env.MIN_CLASS_ROWS - 1
+    with pytest.raises(ValueError, match=f"1 of its 3 classes with fewer than {env.MIN_CLASS_ROWS} rows .*'rare'"):
+        env.load_dataset(csv(["a"] * 50 + ["b"] * (50 - rare) + ["rare"] * rare))
+    with pytest.raises(ValueError, match="regression target"):  # every value its own class
+        env.load_dataset(csv([f"{v:.3f}" for v in rng.normal(size=100)]))
+    # the rarest class allowed lands on both sides of every split: a program that runs scores, never a shape error
+    d = env.load_dataset(csv(["a"] * 50 + ["b"] * (50 - env.MIN_CLASS_ROWS) + ["rare"] * env.MIN_CLASS_ROWS))
+    reward, error = sandbox.run([GOOD], d)[0]
+    assert error is None and 0 <= reward <= 1
+
+
 def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
     bc = env.load_dataset("breast_cancer")
     for d in (bc, iris):
