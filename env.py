@@ -128,9 +128,13 @@ def prepare(name, df, target, source):
     categories and labels, imputed missing values; then hold out 20% of the rows (stratified, seed 0)."""
     from sklearn.model_selection import train_test_split
 
+    df = df[df[target].notna()]  # a row without a label cannot be scored (else "nan" would become a class)
     df = df.sample(frac=KEEP_FRACTION.get(name, 1.0), random_state=SEED).iloc[:MAX_ROWS].reset_index(drop=True)
-    labels = sorted(df[target].astype(str).unique())
-    y = df[target].astype(str).map({v: i for i, v in enumerate(labels)}).to_numpy(np.int64)
+    labels_column = df[target]
+    if labels_column.dtype.kind == "f" and (labels_column == labels_column.round()).all():
+        labels_column = labels_column.astype(np.int64)  # a CSV with missing labels reads 0/1 as 0.0/1.0
+    labels = sorted(labels_column.astype(str).unique())
+    y = labels_column.astype(str).map({v: i for i, v in enumerate(labels)}).to_numpy(np.int64)
     counts = np.bincount(y, minlength=len(labels))
     if len(labels) < 2:  # the reward is a ROC AUC: every program would score -1, and training would learn nothing
         raise ValueError(f"the target '{target}' of {name} has {len(labels)} class ({labels[:1]}); the reward is a "
