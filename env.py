@@ -69,6 +69,12 @@ def dataset_names():
     return sorted(OPENML_IDS) + sorted(KAGGLE) + list(SKLEARN)
 
 
+def folder_name(name):
+    """What train.py names a run folder after: the dataset's name, or a CSV's file name and target column."""
+    path, csv, target = os.path.basename(name).partition(".csv")
+    return "-".join(filter(None, (path, target[1:]))) if csv else path
+
+
 def load_dataset(name, data_dir=None, openml_cache=None):
     """A prepared Dataset by name (see dataset_names()), or from a CSV file given as `path.csv` or `path.csv:target`."""
     import pandas as pd

@@ -106,7 +106,7 @@ for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
 if args.rollout_steps is None:
     args.rollout_steps = 1 if args.algo == "etpo" else args.episode_steps
 model_name = os.path.basename(args.model.rstrip("/"))
-out = args.out or os.path.join("runs", f"{os.path.basename(args.dataset)}-{model_name}-{args.algo}")
+out = args.out or os.path.join("runs", f"{env.folder_name(args.dataset)}-{model_name}-{args.algo}")
 ckpt_path = os.path.join(out, "ckpt.pt")
 
 

@@ -103,6 +103,8 @@ def test_csv_path_with_target_column(tmp_path):
     path = tmp_path / "mine.csv"
     lines = ["a,b,c,label,color"] + [f"{r[0]},{r[1]},{r[2]},{int(r[0] > 0)},{'red' if r[1] > 0 else 'blue'}" for r in x]
     path.write_text("\n".join(lines))
+    assert env.folder_name(f"{path}:label") == "mine-label" and env.folder_name(str(path)) == "mine"
+    assert env.folder_name("cmc") == "cmc"  # train.py's default run folder: runs/mine-label-tiny-etpo
     d = env.load_dataset(f"{path}:label")
     assert d.X.shape == (160, 4) and d.name == "mine" and "color (categorical" in d.description
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
