@@ -163,8 +163,7 @@ def prepare(name, df, target, source):
             lines.append(f"#   {i}: {col} (categorical, {s.nunique()} values coded 0..{s.nunique() - 1})")
             columns.append(np.where(codes < 0, codes.max() + 1, codes))
     X = np.stack(columns, axis=1).astype(np.float64)  # (n, d)
-    stratify = y
-    X, X_test, y, y_test = train_test_split(X, y, test_size=HELDOUT, random_state=SEED, stratify=stratify)
+    X, X_test, y, y_test = train_test_split(X, y, test_size=HELDOUT, random_state=SEED, stratify=y)
     description = (f"# Dataset: {name} ({source}), {len(df)} rows, {X.shape[1]} features.\n"
                    f"# Target: {target}, {len(labels)} classes: "
                    + ", ".join(f"{i} = {v}" for i, v in enumerate(labels[:10])) + (" ..." if len(labels) > 10 else "")
