@@ -241,17 +241,13 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
-    if "NO_GPU" in args:
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is present")
-        args = [a.replace("NO_GPU", "cuda") for a in args]
+    if ("NO_GPU" in args or "SEVEN_B" in args) and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     if "SEVEN_B" in args:
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is present")
         from transformers import LlamaConfig  # CodeLlama-7B's config alone: enough to know it needs a GPU
 
         LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008).save_pretrained(tmp_path / "7b")
-    paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b")}
+    paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b"), "NO_GPU": "cuda"}
     args = [paths.get(a, a) for a in args]
     r = train(*args, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
