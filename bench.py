@@ -21,6 +21,7 @@ the same update's memory and operators on fake tensors, without a GPU.
 import argparse
 import contextlib
 import copy
+import math
 import sys
 import time
 
@@ -223,23 +224,24 @@ print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_byt
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. rollout: tokens/s with the KV cache, against the decode roofline
+# The figures come in order of need, each row printed as soon as it is measured: first the four that say whether
+# 7B trains fast on one GPU (1-4: rollout tokens/s, update MFU, peak memory and largest B, bytes per transition),
+# then the comparisons that explain them (5-9), then the CUDA graph, which had never run on a GPU when this was
+# written, and the profile. A run stopped by a time limit, or broken by the graph, keeps every row before.
 
 
-def row(line):  # each row as soon as it is measured: a run stopped at a time limit keeps what it printed
+def row(line):
     print(line, flush=True)
 
 
 row("| what | figure | against | peak memory |\n|---|---|---|---|")
-# sampling.py's default, transformers' torch.cat cache for comparison, and on a GPU the static cache replayed as a
-# CUDA graph (last: it had never run on a GPU when this was written, and a failure must not cost the other figures)
-variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"}}
-if cuda:
-    variants["static cache + CUDA graph"] = {"cuda_graph": True}
 torch.manual_seed(0)
 batches = {B: random_prompts(lm, B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
-tok_s = {}
-for variant, options in variants.items():
+tok_s = {}  # (variant, B) -> tokens/s, for the rows that compare with it
+
+
+def rollout_rows(variant, **options):
+    """1. rollout: tokens/s of sampling.sample_ids with the KV cache at every B, against the decode roofline."""
     for B, (prompt_ids, prompt_mask) in batches.items():
         lengths = []
         if cuda:
@@ -252,60 +254,18 @@ for variant, options in variants.items():
 
         try:
             seconds = timed(rollout, args.iters)
-        except RuntimeError as e:
-            row(f"| rollout B={B}, {variant} | failed: {str(e).splitlines()[0][:100]} | | |")
+        except Exception as e:  # a variant that fails (the untried CUDA graph, say) costs its own rows only
+            row(f"| rollout B={B}, {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:100]} | | |")
             continue
         tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
-        tok_s[variant] = tokens / seconds  # at the last B, for the rows below
+        tok_s[variant, B] = tokens / seconds
         # decode roofline: every step reads the weights once, so steps/s <= bandwidth / their bytes (KV ignored)
         roofline = B * bandwidth / step_bytes
-        peak = peak_memory()
-        row(f"| rollout B={B}, {variant} | {tok_s[variant]:,.0f} tok/s | {tok_s[variant] / roofline:.0%} of "
-            f"{roofline:,.0f} tok/s roofline | {peak} |")
+        row(f"| rollout B={B}, {variant} | {tok_s[variant, B]:,.0f} tok/s | {tok_s[variant, B] / roofline:.0%} of "
+            f"{roofline:,.0f} tok/s roofline | {peak_memory()} |")
 
-for variant in ("static cache", "dynamic cache"):  # one more rollout at the last B, counted (a graph's replays are
-    # invisible to a dispatch mode): the prefill and one forward per further token
-    with Operators() as ops:
-        generator = torch.Generator(device).manual_seed(0)
-        steps = int(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                        generator=generator, **variants[variant])[1].max())
-    # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
-    # here, B tokens take (bytes per step) / bandwidth seconds, so at best the roofline times weights / bytes moved
-    per_step = ops.bytes / steps
-    bound = B * bandwidth / per_step
-    row(f"| decode step B={B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
-        f"moved | {tok_s[variant] / bound:.0%} of {bound:,.0f} tok/s at that traffic ({step_bytes / per_step:.0%} of "
-        "the roofline) | |")
-    if variant == "static cache" and "static cache + CUDA graph" in tok_s:  # the same kernels and bytes, replayed
-        row(f"| decode step B={B}, static cache + CUDA graph | one graph launch | "
-            f"{tok_s['static cache + CUDA graph'] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
-# one RMSNorm at CodeLlama's width, counted: transformers' and torch's (model.torch_rms_norm, a fused kernel forward
-# and backward on a GPU), in bf16; a 7B forward runs 65 of them per token
-for label, norm in (("transformers'", LlamaRMSNorm(4096)), ("torch's", model.torch_rms_norm(LlamaRMSNorm(4096)))):
-    norm.to(device, torch.bfloat16).requires_grad_(False)  # frozen, as in the model
-    x = torch.randn(1024, 4096, device=device, dtype=torch.bfloat16, requires_grad=True)  # (tokens, d)
-    grad = torch.randn_like(x)
-    with Operators() as forward:
-        y = norm(x)
-    with Operators() as backward:
-        y.backward(grad)
-    row(f"| RMSNorm, {label}, bf16 | {forward.kernels} kernels forward, {backward.kernels} backward | "
-        f"{forward.bytes / x.numel():.0f} + {backward.bytes / x.numel():.0f} bytes moved per value | |")
-
-# the rollout at the last B when all rows have one prompt (an episode's first step): with a prefill per row, then
-# with one prefill in all (sample_ids' prompts)
-one_ids, one_mask = prompt_ids[:1].expand(B, -1), prompt_mask[:1].expand(B, -1)  # (B, P), one prompt's rows
-one_tok_s = {}
-for shared in (False, True):
-    lengths = []
-    seconds = timed(lambda: lengths.append(sampling.sample_ids(
-        lm, one_ids, one_mask, "policy", args.action_len, temperature=1.0,
-        generator=torch.Generator(device).manual_seed(0), prompts=["one prompt"] * B if shared else None)[1]),
-        args.iters)
-    one_tok_s[shared] = float(torch.stack(lengths).float().mean(0).sum()) / seconds
-row(f"| rollout B={B}, one shared prompt, one prefill | {one_tok_s[True]:,.0f} tok/s | "
-    f"{one_tok_s[True] / one_tok_s[False]:.2f}x the speed with a prefill per row ({one_tok_s[False]:,.0f} tok/s) | |")
+rollout_rows("static cache")  # sampling.py's default
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
@@ -357,27 +317,12 @@ row(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / 
     f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
 row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
     f"| {counted:.4g} counted by torch.utils.flop_counter | |")
-# the same update when the B rows share one prompt, as at every episode's first step: action_logits runs the prompt
-# once per sequence of model.rows_per_sequence rows (its FLOPs: python simulate.py)
-if cuda:
-    torch.cuda.reset_peak_memory_stats()
-shared_seconds = timed(lambda: update(lm, optimizers, B, P, T, shared=True), args.iters)
-row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
-    f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
-    f"{peak_memory()} |")
-if cuda:  # the same update and rollouts on fake tensors (python simulate.py), next to the peaks measured above
-    try:
-        simulated = f"{simulate(lm.hf.config, B, P, T, fused_norm=fused_norm)[1] / 2**30:.2f} GiB"
-        rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n, P, T, fused_norm=fused_norm) / 2**30:.2f} GiB"
-                             for n in batches)
-    except RuntimeError as e:
-        simulated = rollouts = f"failed: {e}"
-    row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
-    row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
+
+# 3. what a transition keeps between the rollout and the update
 row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
     f"the ref logit of the taken token (float32), prompt ids (int32) and mask (bool) | |")
 
-if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from B
+if args.max_batch and cuda:  # 4. the largest B whose update fits, doubling from B
     for shared in (False, True):
         fits, trial = 0, B
         while True:
@@ -391,13 +336,83 @@ if args.max_batch and cuda:  # 3. the largest B whose update fits, doubling from
         row(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {fits} "
             f"fits, {trial} does not | | |")
 
+# ----------------------------------------------------------------------------------------------------------------
+# 5. transformers' torch.cat cache, for comparison with the static one
+rollout_rows("dynamic cache", cache="dynamic")
+
+# 6. one more rollout of each cache at the last B, counted: the prefill and one forward per further token
+rollout_B = list(batches)[-1]
+prompt_ids, prompt_mask = batches[rollout_B]
+bounds = {}
+for variant, options in (("static cache", {}), ("dynamic cache", {"cache": "dynamic"})):
+    with Operators() as ops:
+        generator = torch.Generator(device).manual_seed(0)
+        steps = int(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
+                                        generator=generator, **options)[1].max())
+    # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
+    # here, B tokens take (bytes per step) / bandwidth seconds, so at best the roofline times weights / bytes moved
+    per_step = ops.bytes / steps
+    bounds[variant] = bound = rollout_B * bandwidth / per_step
+    achieved = tok_s.get((variant, rollout_B), math.nan)  # nan if that rollout failed above
+    row(f"| decode step B={rollout_B}, {variant} | {ops.kernels / steps:,.0f} kernels, {per_step / 1e9:.3g} GB "
+        f"moved | {achieved / bound:.0%} of {bound:,.0f} tok/s at that traffic ({step_bytes / per_step:.0%} of the "
+        "roofline) | |")
+
+# 7. one RMSNorm at CodeLlama's width, counted: transformers' and torch's (model.torch_rms_norm, a fused kernel
+# forward and backward on a GPU), in bf16; a 7B forward runs 65 of them per token
+for label, norm in (("transformers'", LlamaRMSNorm(4096)), ("torch's", model.torch_rms_norm(LlamaRMSNorm(4096)))):
+    norm.to(device, torch.bfloat16).requires_grad_(False)  # frozen, as in the model
+    x = torch.randn(1024, 4096, device=device, dtype=torch.bfloat16, requires_grad=True)  # (tokens, d)
+    grad = torch.randn_like(x)
+    with Operators() as forward:
+        y = norm(x)
+    with Operators() as backward:
+        y.backward(grad)
+    row(f"| RMSNorm, {label}, bf16 | {forward.kernels} kernels forward, {backward.kernels} backward | "
+        f"{forward.bytes / x.numel():.0f} + {backward.bytes / x.numel():.0f} bytes moved per value | |")
+
+# 8. all rows with one prompt (an episode's first step): the rollout with a prefill per row and with one in all
+# (sample_ids' prompts), and the update, which runs the prompt once per sequence of model.rows_per_sequence rows
+one_ids, one_mask = prompt_ids[:1].expand(rollout_B, -1), prompt_mask[:1].expand(rollout_B, -1)  # (B, P)
+one_tok_s = {}
+for shared in (False, True):
+    lengths = []
+    seconds_one = timed(lambda: lengths.append(sampling.sample_ids(
+        lm, one_ids, one_mask, "policy", args.action_len, temperature=1.0,
+        generator=torch.Generator(device).manual_seed(0), prompts=["one prompt"] * rollout_B if shared else None)[1]),
+        args.iters)
+    one_tok_s[shared] = float(torch.stack(lengths).float().mean(0).sum()) / seconds_one
+row(f"| rollout B={rollout_B}, one shared prompt, one prefill | {one_tok_s[True]:,.0f} tok/s | "
+    f"{one_tok_s[True] / one_tok_s[False]:.2f}x the speed with a prefill per row ({one_tok_s[False]:,.0f} tok/s) | |")
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+shared_seconds = timed(lambda: update(lm, optimizers, B, P, T, shared=True), args.iters)
+row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
+    f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
+    f"{peak_memory()} |")
+
+if cuda:  # 9. the same update and rollouts on fake tensors (python simulate.py), next to the peaks measured above
+    try:
+        simulated = f"{simulate(lm.hf.config, B, P, T, fused_norm=fused_norm)[1] / 2**30:.2f} GiB"
+        rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n, P, T, fused_norm=fused_norm) / 2**30:.2f} GiB"
+                             for n in batches)
+    except RuntimeError as e:
+        simulated = rollouts = f"failed: {e}"
+    row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
+    row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
+
+    # 10. the static cache's decode step replayed as a CUDA graph: the same kernels and bytes, one launch
+    rollout_rows("static cache + CUDA graph", cuda_graph=True)
+    if ("static cache + CUDA graph", rollout_B) in tok_s:
+        bound = bounds["static cache"]
+        row(f"| decode step B={rollout_B}, static cache + CUDA graph | one graph launch | "
+            f"{tok_s['static cache + CUDA graph', rollout_B] / bound:.0%} of {bound:,.0f} tok/s at that traffic | |")
 
 if args.profile:  # where the time goes: the operators that take most of it, on the device and in Python's thread
     from torch.profiler import ProfilerActivity, profile
 
-    prompt_ids, prompt_mask = batches[max(batches)]
-    jobs = {f"rollout B={max(batches)}, static cache": lambda: sampling.sample_ids(lm, prompt_ids, prompt_mask,
-                                                                                   "policy", args.action_len),
+    jobs = {f"rollout B={rollout_B}, static cache": lambda: sampling.sample_ids(lm, prompt_ids, prompt_mask,
+                                                                                "policy", args.action_len),
             f"update B={B}": lambda: update(lm, optimizers, B, P, T)}
     for job, fn in jobs.items():
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
