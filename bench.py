@@ -322,19 +322,31 @@ row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {fl
 row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
     f"the ref logit of the taken token (float32), prompt ids (int32) and mask (bool) | |")
 
-if args.max_batch and cuda:  # 4. the largest B whose update fits, doubling from B
-    for shared in (False, True):
-        fits, trial = 0, B
-        while True:
-            try:
-                update(lm, optimizers, trial, P, T, shared)
-                fits, trial = trial, trial * 2
-            except torch.cuda.OutOfMemoryError:
-                break
-            finally:
-                torch.cuda.empty_cache()
-        row(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {fits} "
-            f"fits, {trial} does not | | |")
+
+def largest_batch(shared):
+    """4. the largest B whose update fits (CUDA): double from B until one runs out of memory, then bisect."""
+
+    def fits(rows):
+        try:
+            update(lm, optimizers, rows, P, T, shared)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    low, high = 0, B  # the largest B known to fit, and the next to try (then: the smallest known not to)
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    row(f"| largest update batch (P={P}, T={T}{', one shared prompt' if shared else ''}) | B = {low} fits, {high} "
+        "does not | | |")
+
+
+if args.max_batch and cuda:
+    largest_batch(shared=False)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. transformers' torch.cat cache, for comparison with the static one
@@ -390,6 +402,8 @@ shared_seconds = timed(lambda: update(lm, optimizers, B, P, T, shared=True), arg
 row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
     f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
     f"{peak_memory()} |")
+if args.max_batch and cuda:
+    largest_batch(shared=True)
 
 if cuda:  # 9. the same update and rollouts on fake tensors (python simulate.py), next to the peaks measured above
     try:
