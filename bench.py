@@ -352,7 +352,8 @@ if args.max_batch and cuda:
 # 5. transformers' torch.cat cache, for comparison with the static one
 rollout_rows("dynamic cache", cache="dynamic")
 
-# 6. one more rollout of each cache at the last B, counted: the prefill and one forward per further token
+# 6. one more rollout of each cache at the last B, counted: the prefill and one forward per further token (a CUDA
+# graph's replays are invisible to a dispatch mode; they replay the static cache's kernels)
 rollout_B = list(batches)[-1]
 prompt_ids, prompt_mask = batches[rollout_B]
 bounds = {}
