@@ -128,6 +128,8 @@ if args.resume:
     for key, value in saved.items():
         if key not in keep:
             setattr(args, key, value)  # the run continues with the configuration it started with
+elif os.path.exists(ckpt_path):  # said before the model loads, which takes minutes for a 7B model
+    fail(f"{out} already holds a run; continue it with --resume, or pass another --out")
 checks = [  # a value out of range ends here with one sentence, not with a division by zero or a NaN mid-run
     (("n_envs", "episode_steps", "rollout_steps", "max_new_tokens", "lora_rank", "q_steps", "ppo_epochs", "minibatches",
       "save_every", "workers", "beta", "lr", "timeout", "huber_delta"), lambda v: v > 0, "must be positive"),
@@ -153,6 +155,13 @@ np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 try:
     dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
+except (ValueError, OSError, RuntimeError) as e:
+    fail(str(e))
+try:  # before the model loads, too
+    os.makedirs(out, exist_ok=True)
+except OSError as e:
+    fail(f"cannot create the run folder {out} ({e.strerror}): pass another --out")
+try:
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
                     targets=args.lora_targets.split(","), checkpointing=args.checkpointing, adapters=adapters)
 except (ValueError, OSError, RuntimeError) as e:
@@ -184,9 +193,6 @@ if checkpoint is not None:
     generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
     start_it = checkpoint["it"]
     print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
-elif os.path.exists(ckpt_path):
-    fail(f"{out} already holds a run; continue it with --resume, or pass another --out")
-os.makedirs(out, exist_ok=True)
 metrics_path = os.path.join(out, "metrics.jsonl")
 kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it
 if checkpoint is not None and os.path.exists(metrics_path):
@@ -201,8 +207,15 @@ def save_checkpoint(it):
              "config": vars(args), "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "generator": generator.get_state()}}
-    torch.save(state, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+    try:
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+    except (OSError, RuntimeError) as e:  # a full disk, say (torch.save raises RuntimeError when a write fails)
+        with contextlib.suppress(OSError):
+            os.remove(ckpt_path + ".tmp")
+        advice = f"continue from the last one with --resume --out {out}" if os.path.exists(ckpt_path) else "start again"
+        fail(f"could not write the checkpoint {ckpt_path} ({str(e).splitlines()[0][:100]}): free some space, then "
+             + advice)
 
 
 stop_requested = False

@@ -12,6 +12,7 @@ Run: python -m pytest tests/test_train.py -q
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -178,6 +179,24 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
     assert r.returncode != 0 and "already holds a run" in r.stderr
 
 
+def test_a_checkpoint_that_cannot_be_written_ends_with_one_sentence_and_keeps_the_last_one(tmp_path):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    r = train(*TINY, "--n-envs", "8", "--steps", "8", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(ckpt, weights_only=False)["it"] == 1 and os.path.getsize(ckpt) > 200_000
+    # a full disk, played by a 200 kB limit on the size of any file the run writes (Python ignores SIGXFSZ, so the
+    # write fails with EFBIG): the next save fails, where it was a traceback before
+    full = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))  # noqa: E731
+    r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "16", "--out", out,
+                        "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=full)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "it 2/2" in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write the checkpoint") and f"--resume --out {out}" in last, last
+    assert not os.path.exists(ckpt + ".tmp")  # no half-written file left beside it
+    assert torch.load(ckpt, weights_only=False)["it"] == 1  # the last checkpoint on disk is whole, as it was
+
+
 def test_the_cpu_demo_raises_the_reward_of_first_attempts(tmp_path):
     # the README's CPU demo as a user runs it (30 iterations of 32 episodes). A CPU of another make, or another
     # transformers release, rounds differently and so samples other tokens from the first iteration on: what carries
@@ -236,6 +255,7 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
     (["--dataset", "iris", "--model", "tiny", "--beta", "0"], "--beta 0.0 must be positive"),
     (["--dataset", "iris", "--model", "tiny", "--gamma", "1.5"], "--gamma 1.5 must lie in [0, 1]"),
     (["--dataset", "iris", "--model", "tiny", "--steps", "8"], "--steps 8 is less than one iteration (32 environment"),
+    (["--dataset", "iris", "--model", "tiny", "--out", "UNDER_A_FILE"], "cannot create the run folder"),
 ])
 def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     bad = tmp_path / "bad"
@@ -247,7 +267,9 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
         from transformers import LlamaConfig  # CodeLlama-7B's config alone: enough to know it needs a GPU
 
         LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008).save_pretrained(tmp_path / "7b")
-    paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b"), "NO_GPU": "cuda"}
+    (tmp_path / "a-file").write_text("")
+    paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b"), "NO_GPU": "cuda",
+             "UNDER_A_FILE": str(tmp_path / "a-file" / "run")}
     args = [paths.get(a, a) for a in args]
     r = train(*args, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
