@@ -272,11 +272,20 @@ def main():
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
+    # files and folders named on the command line are checked now, not after an hour of evaluation
+    if args.perplexity and not os.path.isfile(args.perplexity):
+        sys.exit(f"error: no text file at {args.perplexity}; pass one to --perplexity, or drop the flag")
+    for run in (args.curves or "").split(",") if args.curves else []:
+        if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+            sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder {args.out} ({e.strerror}): pass another --out")
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]
     lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
-    os.makedirs(args.out, exist_ok=True)
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")

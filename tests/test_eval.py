@@ -133,3 +133,11 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--n-envs", "0")  # was max() of an empty sequence
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: --n-envs 0 must be positive"
+    (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
+    for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
+                          (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
+                          (["--out", str(tmp_path / "a-file" / "eval")], "cannot create the output folder")):
+        r = run("eval.py", "--model", "tiny", "--datasets", "iris", *flags)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
