@@ -241,7 +241,7 @@ def gpu_advice(stage):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        if args.checkpointing:
+        if args.checkpointing or stage == "the rollout":  # a rollout keeps no activations for checkpointing to drop
             advice = "start a new run with a smaller --n-envs or --max-new-tokens"
         elif resume:
             advice = f"continue from the last checkpoint with {resume} --checkpointing"

@@ -89,22 +89,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
-    # CUDA's out-of-memory error, raised by the model's forward on the CPU (a sitecustomize module patches it in)
+    # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop (a
+    # sitecustomize module patches it in)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import torch\nimport model\n\n\ndef out_of_memory(*args, **kwargs):\n"
+        "import os\nimport torch\nimport model\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
         "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n\n"
-        "model.AdapterLM.action_logits = out_of_memory\n")
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])}
-    for extra, advice in [([], "start again with --checkpointing"),
-                          (["--checkpointing"], "start a new run with a smaller --n-envs")]:
+        "if os.environ['OUT_OF_MEMORY_IN'] == 'the update':\n    model.AdapterLM.action_logits = out_of_memory\n"
+        "else:\n    sampling.sample_ids = out_of_memory\n")
+    for stage, extra, advice in [("the update", [], "start again with --checkpointing"),
+                                 ("the update", ["--checkpointing"], "start a new run with a smaller --n-envs"),
+                                 ("the rollout", [], "start a new run with a smaller --n-envs")]:  # no backward pass
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT]), "OUT_OF_MEMORY_IN": stage}
         r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
                             str(tmp_path / "run"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            env=environ)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: the GPU ran out of memory in the update at B = 4: " + advice), last
+        assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4: " + advice), last
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
 
 
