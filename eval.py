@@ -337,4 +337,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
+        sys.exit("error: the GPU ran out of memory; run again with a smaller --n-envs or --max-new-tokens (the results "
+                 "printed so far are lost from the tables)")

@@ -3,8 +3,8 @@ eval.py on the tiny model: the table has a row per dataset plus the average and 
 numbers in range; the CSV holds every seed; the perplexity of the reference on its own samples is finite,
 reproducible and lower than on the same words shuffled; the per-token credit view renders; --runs reports a
 training run's best reward, the held-out AUC of its best program, its success rate and its last first attempts' reward,
-as the paper's ETPO column.
-(That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
+as the paper's ETPO column. A bad checkpoint, flag value or path, and running out of GPU memory, end with one
+sentence. (That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
 
 Run: python -m pytest tests/test_eval.py -q
 """
@@ -133,6 +133,16 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--n-envs", "0")  # was max() of an empty sequence
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: --n-envs 0 must be positive"
+    hook = tmp_path / "hook"  # CUDA's out-of-memory error, raised on the CPU by the sampling loop
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import torch\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
+                                           "    raise torch.cuda.OutOfMemoryError('CUDA out of memory')\n\n\n"
+                                           "sampling.sample_ids = out_of_memory\n")
+    r = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--datasets", "iris", "--out",
+                        str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the GPU ran out of memory; run again with a smaller")
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
