@@ -9,16 +9,17 @@ error, as a model can use it, when it fails.
 
 Generated code is untrusted. Each program runs in its own process, forked from a server process that has
 scikit-learn imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is
-never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process
-group (killed as a whole when it ends or times out, children included), a wall-clock timeout, a CPU-time limit,
-an address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
+never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process group
+(killed as a whole when it ends or times out, children included), a wall-clock timeout, a CPU-time limit, an
+address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
 HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread, fixed
 random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets,
 and an error becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files
-outside the scratch directory. The trainer talks to the server through a pipe with a deadline and restarts it if
-it dies. It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook,
-a process that calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted
-models in a container or VM if that matters to you.
+outside the scratch directory. The trainer talks to the server through a pipe with a deadline and restarts it if it
+dies; the server and its programs ignore SIGTERM and SIGINT, which the trainer answers by finishing its iteration (a
+cluster stopping a job signals every process in it). It does NOT protect against deliberate escapes: native code
+(ctypes) and subprocesses bypass the audit hook, a process that calls setsid leaves the process group, reading files
+and using the network are allowed. Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -228,6 +229,11 @@ def _serve():
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
     sys.dont_write_bytecode = True
+    # A cluster that stops a job signals every process in it. The trainer then finishes its iteration and ends this
+    # server itself (its stdin closes, or Sandbox.close kills the group), so the server and the programs it forks
+    # (they inherit this) ignore the signal: a program cut short would score -1, and that score would be cached.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
     datasets = {}

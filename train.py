@@ -221,15 +221,18 @@ def save_checkpoint(it):
 stop_requested = False
 
 
-def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, save, exit; second: quit now
+def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the job): finish the iteration, save,
+    # exit; a second one: quit now. The sandbox ignores both, so the programs in flight are not cut short.
     global stop_requested
     if stop_requested:
         raise KeyboardInterrupt
     stop_requested = True
-    print("\nCtrl-C: finishing this iteration, then saving the checkpoint (Ctrl-C again quits without saving)")
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
 
 
-signal.signal(signal.SIGINT, on_sigint)
+signal.signal(signal.SIGINT, on_stop)
+signal.signal(signal.SIGTERM, on_stop)
 
 
 @contextlib.contextmanager

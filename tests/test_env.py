@@ -220,6 +220,21 @@ def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
         sb.close()
 
 
+def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
+    # a scheduler that stops a job signals every process in it; the trainer finishes its iteration first, so the
+    # server and the running programs must live on: a program cut short would score -1, and the score would be cached
+    sb = execution.Sandbox(workers=1)
+    try:
+        signals = "    import os, signal\n    for sig in (signal.SIGTERM, signal.SIGINT):\n"
+        code = GOOD.replace("    from sklearn", signals + "        os.kill(os.getppid(), sig)\n"
+                            "        os.kill(os.getpid(), sig)\n    from sklearn", 1)
+        reward, error = sb.run([code], iris, timeout=10)[0]
+        assert error is None and reward > 0.9, error
+        assert sb.proc.poll() is None  # the server too
+    finally:
+        sb.close()
+
+
 def test_an_error_that_prints_a_set_reads_the_same_in_every_sandbox(iris):
     # scikit-learn's parameter errors print sets ("must be a str among {'uniform', 'distance'}"), and an error becomes
     # the next prompt: with Python's per-process string hashes, the same program gave two runs of one seed different

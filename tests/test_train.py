@@ -165,13 +165,14 @@ def test_another_environment_drives_the_same_loop(algo, tmp_path):
     assert open(os.path.join(out, "best_code.py")).read().count("\n") >= 1
 
 
-def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or a cluster stopping the job
+def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "800", "--out", out],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("it 1/"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop)
             break
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
