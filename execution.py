@@ -262,6 +262,9 @@ def _recv(f):
 # The trainer's side: a sandbox with a reward cache
 
 
+SERVER_FAILED = "the sandbox stopped responding while running this batch"
+
+
 class Sandbox:
     """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
 
@@ -281,11 +284,13 @@ class Sandbox:
         keys = [hashlib.sha256(f"{s}\0{dataset.key}\0{heldout}\0{timeout}\0seeds=0-4".encode()).hexdigest()
                 for s in sources]
         todo = sorted({k: s for k, s in zip(keys, sources) if k not in self.cache}.items())
+        fresh = {}
         if todo:
             jobs = [{"source": s, "dataset": dataset.key, "heldout": heldout, "timeout": timeout} for _, s in todo]
-            for (k, _), result in zip(todo, self._request(jobs, dataset, timeout)):
-                self.cache[k] = result
-        return [self.cache[k] for k in keys]
+            fresh = dict(zip((k for k, _ in todo), self._request(jobs, dataset, timeout)))
+            # a batch the server did not finish is no program's score: those run again next time
+            self.cache.update({k: result for k, result in fresh.items() if result[1] != SERVER_FAILED})
+        return [fresh[k] if k in fresh else self.cache[k] for k in keys]
 
     def _request(self, jobs, dataset, timeout):
         if self.proc is None or self.proc.poll() is not None:
@@ -305,7 +310,7 @@ class Sandbox:
         except (BrokenPipeError, OSError, EOFError, pickle.UnpicklingError):
             pass
         self.close()  # the server died or stalled: every program of this batch fails, the next batch restarts it
-        return [(-1.0, "the sandbox stopped responding while running this batch")] * len(jobs)
+        return [(-1.0, SERVER_FAILED)] * len(jobs)
 
     def close(self):
         if self.proc is not None:
