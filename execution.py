@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 
 import numpy as np
 
@@ -142,8 +143,10 @@ def _child(job, data, scratch, result_fd, memory_mb, max_output):
         reward = _score(job["source"], data, job["heldout"])
     except BaseException as e:  # SystemExit and KeyboardInterrupt included: the program must not end the child
         reward, error = -1.0, _error_text(e, job["source"])
-    os.write(result_fd, (json.dumps({"reward": reward, "error": error}) + "\n").encode())
-    os._exit(0)
+    try:  # (the server may be gone, and the pipe with it)
+        os.write(result_fd, (json.dumps({"reward": reward, "error": error}) + "\n").encode())
+    finally:
+        os._exit(0)  # whatever happened: a forked child never returns into the server's code
 
 
 def _finish(status, timed_out, raw, scratch, job):
@@ -270,11 +273,14 @@ class Sandbox:
 
     def __init__(self, workers=None, memory_mb=4096):
         self.workers, self.memory_mb = workers or os.cpu_count() or 1, memory_mb
-        self.proc, self.sent, self.cache = None, set(), {}
+        self.proc, self.root, self.sent, self.cache = None, None, set(), {}
 
     def _start(self):
         fixed = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         fixed["PYTHONHASHSEED"] = "0"  # the server's, and so its forked children's, set order: the same every run
+        self.root = tempfile.mkdtemp(prefix="etpo-sandbox-")  # the programs' scratch folders: close() removes them
+        fixed["TMPDIR"] = self.root  # all, even those of a batch that a dying server could not clean up
+        weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
         self.sent = set()
@@ -294,6 +300,7 @@ class Sandbox:
 
     def _request(self, jobs, dataset, timeout):
         if self.proc is None or self.proc.poll() is not None:
+            self.close()  # a server that died between batches: its scratch folders go too
             self._start()
         new = {} if dataset.key in self.sent else {dataset.key: (dataset.X, dataset.y, dataset.X_test, dataset.y_test)}
         deadline = time.monotonic() + 30 + (len(jobs) // self.workers + 1) * (timeout + 5)
@@ -320,6 +327,7 @@ class Sandbox:
                 pass
             self.proc.wait()
             self.proc = None
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 _SANDBOX = None

@@ -10,6 +10,8 @@ Run: python -m pytest tests/test_env.py -q
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,6 +23,7 @@ from sklearn.model_selection import train_test_split
 import env
 import execution
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not beside this checkout")
 
@@ -155,6 +158,12 @@ def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
 def test_execute_is_the_public_one_call_form(iris):
     reward, error = execution.execute(GOOD, iris, timeout=30)
     assert error is None and 0.9 < reward <= 1.0
+    # its sandbox is never closed: the scratch folders' root goes when the process exits all the same
+    script = (f"import env, execution\nexecution.execute({GOOD!r}, env.load_dataset('iris'))\n"
+              "print(execution._SANDBOX.root)")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    root = r.stdout.strip()
+    assert r.returncode == 0 and root and not os.path.exists(root), r.stderr[-2000:]
 
 
 ZOO = {  # name: (body, a phrase the error must contain)
@@ -216,6 +225,7 @@ def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
         reward, error = sb.run([body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")], iris, timeout=5)[0]
         assert reward == -1.0 and error == execution.SERVER_FAILED
         assert sb.cache == {}  # no program's score: a program that only shared the batch is not marked -1 for good
+        assert not os.path.exists(sb.root)  # the scratch folders of the batch the server left, removed all the same
         assert sb.run([GOOD], iris, timeout=10)[0][1] is None
     finally:
         sb.close()
