@@ -275,7 +275,7 @@ def main():
     # files and folders named on the command line are checked now, not after an hour of evaluation
     if args.perplexity and not os.path.isfile(args.perplexity):
         sys.exit(f"error: no text file at {args.perplexity}; pass one to --perplexity, or drop the flag")
-    for run in (args.curves or "").split(",") if args.curves else []:
+    for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
     try:
