@@ -238,9 +238,11 @@ row("| what | figure | against | peak memory |\n|---|---|---|---|")
 torch.manual_seed(0)
 batches = {B: random_prompts(lm, B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
 tok_s = {}  # (variant, B) -> tokens/s, for the rows that compare with it
+variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"},  # sampling.py's default, transformers' cache,
+            "static cache + CUDA graph": {"cuda_graph": True}}  # and the static one's step replayed (CUDA only)
 
 
-def rollout_rows(variant, **options):
+def rollout_rows(variant):
     """1. rollout: tokens/s of sampling.sample_ids with the KV cache at every B, against the decode roofline."""
     for B, (prompt_ids, prompt_mask) in batches.items():
         lengths = []
@@ -250,7 +252,7 @@ def rollout_rows(variant, **options):
         def rollout():  # the same seed for every variant, so they sample the same tokens
             generator = torch.Generator(device).manual_seed(0)
             lengths.append(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len,
-                                               temperature=1.0, generator=generator, **options)[1])
+                                               temperature=1.0, generator=generator, **variants[variant])[1])
 
         try:
             seconds = timed(rollout, args.iters)
@@ -265,7 +267,7 @@ def rollout_rows(variant, **options):
             f"{roofline:,.0f} tok/s roofline | {peak_memory()} |")
 
 
-rollout_rows("static cache")  # sampling.py's default
+rollout_rows("static cache")
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
@@ -350,18 +352,18 @@ if args.max_batch and cuda:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. transformers' torch.cat cache, for comparison with the static one
-rollout_rows("dynamic cache", cache="dynamic")
+rollout_rows("dynamic cache")
 
 # 6. one more rollout of each cache at the last B, counted: the prefill and one forward per further token (a CUDA
 # graph's replays are invisible to a dispatch mode; they replay the static cache's kernels)
 rollout_B = list(batches)[-1]
 prompt_ids, prompt_mask = batches[rollout_B]
 bounds = {}
-for variant, options in (("static cache", {}), ("dynamic cache", {"cache": "dynamic"})):
+for variant in ("static cache", "dynamic cache"):
     with Operators() as ops:
         generator = torch.Generator(device).manual_seed(0)
         steps = int(sampling.sample_ids(lm, prompt_ids, prompt_mask, "policy", args.action_len, temperature=1.0,
-                                        generator=generator, **options)[1].max())
+                                        generator=generator, **variants[variant])[1].max())
     # what the operators move per token, the prefill's share included; at that traffic and the bandwidth measured
     # here, B tokens take (bytes per step) / bandwidth seconds, so at best the roofline times weights / bytes moved
     per_step = ops.bytes / steps
@@ -417,7 +419,7 @@ if cuda:  # 9. the same update and rollouts on fake tensors (python simulate.py)
     row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
 
     # 10. the static cache's decode step replayed as a CUDA graph: the same kernels and bytes, one launch
-    rollout_rows("static cache + CUDA graph", cuda_graph=True)
+    rollout_rows("static cache + CUDA graph")
     if ("static cache + CUDA graph", rollout_B) in tok_s:
         bound = bounds["static cache"]
         row(f"| decode step B={rollout_B}, static cache + CUDA graph | one graph launch | "
