@@ -10,20 +10,22 @@ error, as a model can use it, when it fails.
 Generated code is untrusted. Each program runs in its own process, forked from a server process that has
 scikit-learn imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is
 never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process group
-(killed as a whole when it ends or times out, children included), a wall-clock timeout, a CPU-time limit, an
-address-space (memory) limit, a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and
-HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread, fixed
-random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets,
-and an error becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files
-outside the scratch directory. The trainer talks to the server through a pipe with a deadline and restarts it if it
-dies; the server and its programs ignore SIGTERM and SIGINT, which the trainer answers by finishing its iteration (a
-cluster stopping a job signals every process in it). It does NOT protect against deliberate escapes: native code
-(ctypes) and subprocesses bypass the audit hook, a process that calls setsid leaves the process group, reading files
-and using the network are allowed. Run untrusted models in a container or VM if that matters to you.
+(killed as a whole when it ends or times out, children included, and when the server dies: Linux's
+PR_SET_PDEATHSIG), a wall-clock timeout, a CPU-time limit, an address-space (memory) limit, a 4 MB limit on the
+files it writes, a scratch working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr
+captured to a file and truncated, one BLAS/OpenMP thread, fixed random seeds and string hashes (so a set prints in
+the same order in every run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python
+audit hook that refuses to open, create, delete or rename files outside the scratch directory. The trainer talks to
+the server through a pipe with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM and
+SIGINT, which the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it).
+It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
+process that calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted
+models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -117,11 +119,25 @@ def _write_guard(scratch):
     return hook
 
 
-def _child(job, data, scratch, result_fd, memory_mb, max_output):
+def _die_with_server(server_pid):
+    """Kill this program's process group (it and what it started) when the server dies mid-batch: the server alone
+    kills its programs' groups, and its own death reaches none of them. The kernel sends SIGUSR2 when the parent
+    dies (prctl PR_SET_PDEATHSIG, Linux); elsewhere a program outlives a dead server up to its CPU-time limit."""
+    signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGUSR2)  # 1 = PR_SET_PDEATHSIG
+    except AttributeError:  # no prctl: not Linux
+        return
+    if os.getppid() != server_pid:  # the server died before the prctl
+        os.killpg(0, signal.SIGKILL)
+
+
+def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
     """Runs in the forked child: isolate, limit, score, write one JSON line to result_fd, exit."""
     reward, error = -1.0, None
     try:
         os.setsid()  # own session and process group: the server kills the whole group
+        _die_with_server(server_pid)  # and if the server dies, the group kills itself
         os.chdir(scratch)
         out = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(out, 1)
@@ -186,10 +202,11 @@ def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
             i, job = pending.pop(0)
             scratch = tempfile.mkdtemp(prefix="etpo-run-")
             r, w = os.pipe()
+            server_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                _child(job, datasets[job["dataset"]], scratch, w, memory_mb, max_output)
+                _child(job, datasets[job["dataset"]], scratch, w, memory_mb, max_output, server_pid)
             os.close(w)
             os.set_blocking(r, False)
             running[pid] = (i, job, r, scratch, time.monotonic(), bytearray())

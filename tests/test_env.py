@@ -231,6 +231,27 @@ def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
         sb.close()
 
 
+def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
+    # the server forks each program into its own session, so killing the server's group does not reach them: a
+    # program still running (and what it started) when the server died must die too, not sleep on for minutes
+    shm = f"/dev/shm/etpo-test-{os.getpid()}"  # /dev/shm: a place the audit hook lets a program write to
+    sleeper = body(f"import os, subprocess, time\np = subprocess.Popen(['sleep', '300'])\n"
+                   f"open('{shm}', 'w').write(f'{{os.getpid()}} {{p.pid}}')\ntime.sleep(300)")
+    killer = body(f"import os, signal, time\nwhile not os.path.exists('{shm}'):\n    time.sleep(0.05)\n"
+                  "time.sleep(0.2)\nos.kill(os.getppid(), signal.SIGKILL)")
+    sb = execution.Sandbox(workers=2)
+    try:
+        results = sb.run([sleeper, killer], iris, timeout=60)
+        assert [error for _, error in results] == [execution.SERVER_FAILED] * 2
+        pids = [int(pid) for pid in open(shm).read().split()]
+        time.sleep(0.5)
+        assert [pid for pid in pids if _alive(pid)] == []
+    finally:
+        sb.close()
+        if os.path.exists(shm):
+            os.remove(shm)
+
+
 def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
     # a scheduler that stops a job signals every process in it; the trainer finishes its iteration first, so the
     # server and the running programs must live on: a program cut short would score -1, and the score would be cached
