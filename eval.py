@@ -127,7 +127,8 @@ def training_run(run, sandbox, args):
         ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
         config, state = ckpt["config"], ckpt["env"]
         with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+            rows = [json.loads(line) for line in f if line.endswith("\n")]  # not a last line cut short
+        rows = [row for row in rows if row["it"] < ckpt["it"]]  # a run stopped abruptly may have logged more
     except Exception as e:  # a missing or foreign folder gets the same answer
         sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
     dataset = load_dataset(config["dataset"], args)
@@ -219,7 +220,7 @@ def plot_curves(run_dirs, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in run_dirs:
         with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+            rows = [json.loads(line) for line in f if line.endswith("\n")]  # not a last line cut short
         ax.plot([r["env_steps"] for r in rows], [r["env/reward_mean"] for r in rows], label=os.path.basename(run))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean reward")

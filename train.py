@@ -114,6 +114,20 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
+def could_not_write(what, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
+    resume = f"continue from the last checkpoint with --resume --out {out}"
+    fail(f"could not write {what} ({str(e).splitlines()[0][:100]}): free some space, then "
+         + (resume if os.path.exists(ckpt_path) else "start again"))
+
+
+def write(path, text, mode="a"):
+    try:
+        with open(path, mode) as f:  # closed at once: a failed write leaves no buffer to fail again at exit
+            f.write(text)
+    except OSError as e:
+        could_not_write(path, e)
+
+
 checkpoint = None
 if args.resume:
     try:
@@ -194,11 +208,10 @@ if checkpoint is not None:
     start_it = checkpoint["it"]
     print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
 metrics_path = os.path.join(out, "metrics.jsonl")
-kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it
-if checkpoint is not None and os.path.exists(metrics_path):
-    kept = [line for line in open(metrics_path) if json.loads(line)["it"] < start_it]
-log = open(metrics_path, "w")
-log.writelines(kept)
+kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it, and
+if checkpoint is not None and os.path.exists(metrics_path):  # a last line cut short (a crash, a full disk)
+    kept = [line for line in open(metrics_path) if line.endswith("\n") and json.loads(line)["it"] < start_it]
+write(metrics_path, "".join(kept), "w")
 
 
 def save_checkpoint(it):
@@ -213,9 +226,7 @@ def save_checkpoint(it):
     except (OSError, RuntimeError) as e:  # a full disk, say (torch.save raises RuntimeError when a write fails)
         with contextlib.suppress(OSError):
             os.remove(ckpt_path + ".tmp")
-        advice = f"continue from the last one with --resume --out {out}" if os.path.exists(ckpt_path) else "start again"
-        fail(f"could not write the checkpoint {ckpt_path} ({str(e).splitlines()[0][:100]}): free some space, then "
-             + advice)
+        could_not_write(f"the checkpoint {ckpt_path}", e)
 
 
 stop_requested = False
@@ -464,8 +475,7 @@ for it in range(start_it, iterations):
                / len(prompts),  # rows whose prompt another row has too
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
-    log.write(json.dumps(metrics) + "\n")
-    log.flush()
+    write(metrics_path, json.dumps(metrics) + "\n")
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
@@ -476,9 +486,9 @@ for it in range(start_it, iterations):
           flush=True)
     if coding_env.best_reward > best_seen:
         best_seen = coding_env.best_reward
-        with open(os.path.join(out, "best_code.py"), "w") as f:
-            f.write(f"# ROC AUC {best_seen:.4f} on {dataset.name} (mean of 5 random 50/50 splits), "
-                    f"iteration {it + 1}, environment step {coding_env.env_steps}\n{coding_env.best_code}")
+        header = (f"# ROC AUC {best_seen:.4f} on {dataset.name} (mean of 5 random 50/50 splits), iteration {it + 1}, "
+                  f"environment step {coding_env.env_steps}\n")
+        write(os.path.join(out, "best_code.py"), header + coding_env.best_code, "w")
     if args.sample_every and (it + 1) % args.sample_every == 0:
         info = infos[0]
         result = f"reward {info['reward']:.4f}" if info["error"] is None else f"error: {info['error'].splitlines()[-1]}"

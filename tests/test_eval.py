@@ -90,13 +90,14 @@ def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
     runs = {"etpo": (32, [i / 100 for i in range(29)] + [None]), "ppo_kl": (160, [-0.5, -0.4, -0.3, -0.2, -0.1, 0.5])}
     for algo, (steps, first_try) in runs.items():
         (tmp_path / algo).mkdir()
-        torch.save({"config": {"dataset": "iris", "algo": algo, "seed": 0},
+        torch.save({"config": {"dataset": "iris", "algo": algo, "seed": 0}, "it": len(first_try),
                     "env": {"best_reward": 0.9, "best_code": None, "env_steps": steps * len(first_try)}},
                    tmp_path / algo / "ckpt.pt")
         with open(tmp_path / algo / "metrics.jsonl", "w") as f:
-            for i, value in enumerate(first_try):
-                f.write(json.dumps({"env_steps": steps * (i + 1), "env/success_rate": 0.5,
+            for i, value in enumerate(first_try + [-1.0]):  # -1: an iteration logged after the last checkpoint
+                f.write(json.dumps({"it": i, "env_steps": steps * (i + 1), "env/success_rate": 0.5,
                                     "env/first_try_reward": value}) + "\n")
+            f.write('{"it": 99, "env_steps": 32')  # and a line cut short by a full disk
     args = argparse.Namespace(data_dir="data", openml_cache=None)
     etpo_run = evaluation.training_run(str(tmp_path / "etpo"), None, args)
     ppo_kl_run = evaluation.training_run(str(tmp_path / "ppo_kl"), None, args)

@@ -183,22 +183,33 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     assert r.returncode != 0 and "already holds a run" in r.stderr
 
 
-def test_a_checkpoint_that_cannot_be_written_ends_with_one_sentence_and_keeps_the_last_one(tmp_path):
+def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path):
     out = str(tmp_path / "run")
-    ckpt = os.path.join(out, "ckpt.pt")
+    ckpt, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "metrics.jsonl")
     r = train(*TINY, "--n-envs", "8", "--steps", "8", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(ckpt, weights_only=False)["it"] == 1 and os.path.getsize(ckpt) > 200_000
-    # a full disk, played by a 200 kB limit on the size of any file the run writes (Python ignores SIGXFSZ, so the
-    # write fails with EFBIG): the next save fails, where it was a traceback before
-    full = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))  # noqa: E731
-    r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "16", "--out", out,
-                        "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=full)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "it 2/2" in r.stdout
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: could not write the checkpoint") and f"--resume --out {out}" in last, last
+
+    def resume_on_a_full_disk(limit):  # played by a limit on the size of any file the run writes (Python ignores
+        # SIGXFSZ, so the write fails with EFBIG); it was a traceback before, and the next resume read a cut line
+        full = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # noqa: E731
+        r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "16", "--out", out,
+                            "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=full)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-2000:]
+        assert f"--resume --out {out}" in r.stderr.strip().splitlines()[-1]
+        return r
+
+    r = resume_on_a_full_disk(200_000)  # the checkpoint is the one file that large
+    assert "it 2/2" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("error: could not write the checkpoint")
     assert not os.path.exists(ckpt + ".tmp")  # no half-written file left beside it
     assert torch.load(ckpt, weights_only=False)["it"] == 1  # the last checkpoint on disk is whole, as it was
+    r = resume_on_a_full_disk(len(open(log).readline()) + 100)  # room for the first iteration's line, not the next
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {log}")
+    assert not open(log).read().endswith("\n")  # the last line was cut short
+    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["it"] for m in metrics(out)] == [0, 1] and torch.load(ckpt, weights_only=False)["it"] == 2
 
 
 def test_the_cpu_demo_raises_the_reward_of_first_attempts(tmp_path):
