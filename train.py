@@ -93,6 +93,7 @@ parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--sample-every", type=int, default=5, help="print a generated program every this many iterations")
 parser.add_argument("--save-every", type=int, default=5, help="write the checkpoint every this many iterations")
 args = parser.parse_args()
+given = {key for key, value in vars(args).items() if value != parser.get_default(key)}  # set on the command line
 
 PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
     "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,
@@ -139,6 +140,11 @@ if args.resume:
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
             "checkpointing", "cuda_graph"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
+    for key in sorted(given - keep):  # a flag that would be silently overridden by the saved value
+        if key in saved and getattr(args, key) != saved[key]:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the {saved[key]} this run started "
+                 "with, and a resumed run keeps its configuration: drop the flag, or start a new run with another "
+                 "--out")
     for key, value in saved.items():
         if key not in keep:
             setattr(args, key, value)  # the run continues with the configuration it started with

@@ -86,6 +86,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     b = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(half)]
     assert len(a) == 4 and a == b
     assert torch.load(os.path.join(half, "ckpt.pt"), weights_only=False)["config"]["checkpointing"] is True
+    # what the run computes stays as it started: a flag that would change it is refused, not silently overridden
+    r = train(*common, "--steps", "48", "--out", half, "--resume", "--lr", "5e-4")
+    assert r.returncode != 0 and len(metrics(half)) == 4
+    assert r.stderr.strip().splitlines()[-1] == ("error: --lr 0.0005 differs from the 0.001 this run started with, "
+                                                 "and a resumed run keeps its configuration: drop the flag, or start "
+                                                 "a new run with another --out")
 
 
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
