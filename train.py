@@ -24,6 +24,7 @@ episode's step limit) so that GAE has episodes to run over; ETPO needs one.
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -179,16 +180,21 @@ except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 try:  # before the model loads, too
     os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "w")  # locked while this process lives: two runs never share a folder
 except OSError as e:
     fail(f"cannot create the run folder {out} ({e.strerror}): pass another --out")
 try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    fail(f"another train.py is writing to {out}: wait for it to end, or pass another --out")
+try:
+    if args.cuda_graph and model.resolve_device(args.device).type != "cuda":  # said before a 7B model loads
+        fail("--cuda-graph needs a CUDA GPU and this run is not on one: drop the flag")
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
                     targets=args.lora_targets.split(","), checkpointing=args.checkpointing, adapters=adapters)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
-if args.cuda_graph and device.type != "cuda":
-    fail(f"--cuda-graph needs a CUDA GPU and this run is on the {device.type}: drop the flag")
 generator = torch.Generator(device=device).manual_seed(args.seed)  # the rollouts' sampling
 sandbox = execution.Sandbox(workers=args.workers)
 coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_steps, sandbox=sandbox,

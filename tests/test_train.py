@@ -9,6 +9,7 @@ errors, and running out of GPU memory, end with one sentence and a non-zero exit
 Run: python -m pytest tests/test_train.py -q
 """
 
+import fcntl
 import json
 import os
 import re
@@ -269,7 +270,8 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
     (["--dataset", "iris", "--model", "no-such-org/no-such-model", "--device", "cpu"], "could not load the model"),
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
-    (["--dataset", "iris", "--model", "tiny", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "SEVEN_B", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "tiny", "--out", "LOCKED"], "another train.py is writing to"),
     (["--dataset", "iris", "--model", "tiny", "--device", "NO_GPU"], "--device cuda asks for a CUDA GPU"),
     (["--dataset", "iris", "--model", "tiny", "--device", "gpu"], "--device gpu is not a device torch knows"),
     (["--dataset", "iris", "--model", "tiny", "--n-envs", "0"], "--n-envs 0 must be positive"),  # was a ZeroDivision
@@ -290,8 +292,11 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
         LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008).save_pretrained(tmp_path / "7b")
     (tmp_path / "a-file").write_text("")
     paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b"), "NO_GPU": "cuda",
-             "UNDER_A_FILE": str(tmp_path / "a-file" / "run")}
+             "UNDER_A_FILE": str(tmp_path / "a-file" / "run"), "LOCKED": str(tmp_path / "locked")}
     args = [paths.get(a, a) for a in args]
+    (tmp_path / "locked").mkdir()
+    lock = open(tmp_path / "locked" / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a run that is still going holds it
     r = train(*args, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "Retrying" not in r.stderr  # offline, a Hub id fails at once (model.hub_options), not after 5 retries
