@@ -293,7 +293,7 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     (tmp_path / "a-file").write_text("")
     paths = {"EMPTY": str(tmp_path / "empty"), "BAD": str(bad), "SEVEN_B": str(tmp_path / "7b"), "NO_GPU": "cuda",
              "UNDER_A_FILE": str(tmp_path / "a-file" / "run"), "LOCKED": str(tmp_path / "locked")}
-    args = [paths.get(a, a) for a in args]
+    args = [paths.get(a, a) for a in args] + ([] if "--out" in args else ["--out", str(tmp_path / "run")])
     (tmp_path / "locked").mkdir()
     lock = open(tmp_path / "locked" / ".lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # as a run that is still going holds it
