@@ -450,7 +450,6 @@ for it in range(start_it, iterations):
     prompts = [p for s in steps for p in s[0]]  # (B,) every episode's first step has the same prompt
     prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
     mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) bool: the real tokens
-    before = [p.detach().clone() for p in lm.adapter_params("policy")]
 
     # 3-6. the algorithm's update
     t1 = time.time()
@@ -458,9 +457,6 @@ for it in range(start_it, iterations):
         finite, stats = update((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
-    changed = sum((p.detach() != b).sum() for p, b in zip(lm.adapter_params("policy"), before)).item()  # 1 read-back
-    changed /= sum(b.numel() for b in before)  # fp32 adapters: even lr 1e-6 updates show up here
-    del before
 
     # -------------------------------------------------------------------------------------------------------------
     # logging, best program, checkpoint, NaN guard
@@ -480,7 +476,7 @@ for it in range(start_it, iterations):
     metrics = {"it": it, "env_steps": coding_env.env_steps, "env/reward_mean": float(rewards.mean()),
                "env/success_rate": float(success.mean()), "env/auc_best": coding_env.best_reward,
                "env/first_try_reward": float(rewards[first].mean()) if first.any() else None,
-               "env/episodes": coding_env.episodes, **stats, "policy/changed_frac": changed,
+               "env/episodes": coding_env.episodes, **stats,
                "perf/tokens_per_s": float(lengths.sum()) / t_rollout, "perf/iter_s": time.time() - t0,
                "perf/rollout_s": t_rollout, "perf/env_s": t_env, "perf/update_s": t_update,
                "perf/shared_prompt": sum(len(rows) for rows in model.rows_by_prompt(prompts) if len(rows) > 1)
