@@ -21,6 +21,8 @@ import functools
 import hashlib
 import os
 import re
+import socket
+import urllib.parse
 
 import numpy as np
 
@@ -119,6 +121,9 @@ def _openml_frame(name, openml_cache):
     if openml_cache:
         openml.config.set_root_cache_directory(os.path.expanduser(openml_cache))
     did = OPENML_IDS[name]
+    retries = openml.config.connection_n_retries
+    if not _reachable(openml.config.server):  # offline: the cache, or one try, not 5 with back-off (about 10 s)
+        openml.config.connection_n_retries = 1
     try:
         ds = openml.datasets.get_dataset(did, download_data=True, download_qualities=False,
                                          download_features_meta_data=False)
@@ -126,7 +131,21 @@ def _openml_frame(name, openml_cache):
     except Exception as e:  # the client raises many types for "offline" (requests, OpenML server, file errors)
         raise RuntimeError(f"could not get OpenML dataset {did} ({name}): {type(e).__name__}; check the internet "
                            f"connection, or pass --openml-cache with a folder that holds it") from None
+    finally:
+        openml.config.connection_n_retries = retries
     return X.assign(**{ds.default_target_attribute: y}), ds.default_target_attribute
+
+
+def _reachable(url, timeout=3.0):
+    """Whether url's host takes a TCP connection within `timeout` seconds; True behind a proxy, which alone knows."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(url)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:  # no route, no DNS, refused or timed out
+        return False
 
 
 def prepare(name, df, target, source):

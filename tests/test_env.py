@@ -100,6 +100,21 @@ def test_user_errors_are_one_clear_sentence(tmp_path, no_network):
         env.load_dataset("cmc", openml_cache=str(tmp_path / "empty"))
 
 
+def test_offline_openml_fails_at_once(tmp_path, monkeypatch):
+    # offline and not in the cache: one request, not the client's 5 with back-off (10 s to the same sentence)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    with pytest.raises(RuntimeError, match="could not get OpenML dataset 23 .*--openml-cache"):
+        env.load_dataset("cmc", openml_cache=str(tmp_path / "empty"))
+    assert len(attempts) == 2  # the connection test, then the one request
+
+
 def test_csv_path_with_target_column(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3))
