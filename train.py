@@ -123,10 +123,17 @@ def could_not_write(what, e):  # a full disk, say: one sentence, and the checkpo
 
 
 def write(path, text, mode="a"):
+    """Append text to a file of the run, or with mode "w" replace the file whole (atomically: a crash or a full disk
+    never leaves half of metrics.jsonl or of best_code.py). Closed at once: a failed write leaves no buffer behind."""
+    tmp = path + ".tmp" if mode == "w" else path
     try:
-        with open(path, mode) as f:  # closed at once: a failed write leaves no buffer to fail again at exit
+        with open(tmp, mode) as f:
             f.write(text)
+        os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            if tmp != path:
+                os.remove(tmp)
         could_not_write(path, e)
 
 

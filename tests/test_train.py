@@ -211,7 +211,11 @@ def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_ru
     assert r.stderr.strip().splitlines()[-1].startswith("error: could not write the checkpoint")
     assert not os.path.exists(ckpt + ".tmp")  # no half-written file left beside it
     assert torch.load(ckpt, weights_only=False)["it"] == 1  # the last checkpoint on disk is whole, as it was
-    r = resume_on_a_full_disk(len(open(log).readline()) + 100)  # room for the first iteration's line, not the next
+    before = open(log).read()
+    r = resume_on_a_full_disk(100)  # no room to rewrite the metrics that the checkpoint holds: they stay as they were
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {log}")
+    assert open(log).read() == before and not os.path.exists(log + ".tmp")
+    r = resume_on_a_full_disk(len(before.splitlines()[0]) + 100)  # room for the first iteration's line, not the next
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {log}")
     assert not open(log).read().endswith("\n")  # the last line was cut short
     r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out, "--resume")
