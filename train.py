@@ -116,24 +116,30 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-def could_not_write(what, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
+def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
     resume = f"continue from the last checkpoint with --resume --out {out}"
-    fail(f"could not write {what} ({str(e).splitlines()[0][:100]}): free some space, then "
+    fail(f"could not write {path} ({str(e).splitlines()[0][:100]}): free some space, then "
          + (resume if os.path.exists(ckpt_path) else "start again"))
 
 
-def write(path, text, mode="a"):
-    """Append text to a file of the run, or with mode "w" replace the file whole (atomically: a crash or a full disk
-    never leaves half of metrics.jsonl or of best_code.py). Closed at once: a failed write leaves no buffer behind."""
-    tmp = path + ".tmp" if mode == "w" else path
+def replace_file(path, save):
+    """Write a file of the run whole or not at all: save(f) writes PATH.tmp, which then replaces PATH (an atomic
+    rename), so a crash or a full disk never leaves half a checkpoint, half of metrics.jsonl or of best_code.py."""
     try:
-        with open(tmp, mode) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
+        with open(path + ".tmp", "wb") as f:
+            save(f)
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when a write fails
         with contextlib.suppress(OSError):
-            if tmp != path:
-                os.remove(tmp)
+            os.remove(path + ".tmp")
+        could_not_write(path, e)
+
+
+def append_line(path, line):
+    try:
+        with open(path, "a") as f:  # closed at once: a failed write leaves no buffer to fail again at exit
+            f.write(line + "\n")
+    except OSError as e:
         could_not_write(path, e)
 
 
@@ -230,7 +236,7 @@ metrics_path = os.path.join(out, "metrics.jsonl")
 kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it, and
 if checkpoint is not None and os.path.exists(metrics_path):  # a last line cut short (a crash, a full disk)
     kept = [line for line in open(metrics_path) if line.endswith("\n") and json.loads(line)["it"] < start_it]
-write(metrics_path, "".join(kept), "w")
+replace_file(metrics_path, lambda f: f.write("".join(kept).encode()))
 
 
 def save_checkpoint(it):
@@ -239,13 +245,7 @@ def save_checkpoint(it):
              "config": vars(args), "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "generator": generator.get_state()}}
-    try:
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
-    except (OSError, RuntimeError) as e:  # a full disk, say (torch.save raises RuntimeError when a write fails)
-        with contextlib.suppress(OSError):
-            os.remove(ckpt_path + ".tmp")
-        could_not_write(f"the checkpoint {ckpt_path}", e)
+    replace_file(ckpt_path, lambda f: torch.save(state, f))
 
 
 stop_requested = False
@@ -490,7 +490,7 @@ for it in range(start_it, iterations):
                / len(prompts),  # rows whose prompt another row has too
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
-    write(metrics_path, json.dumps(metrics) + "\n")
+    append_line(metrics_path, json.dumps(metrics))
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
@@ -503,7 +503,7 @@ for it in range(start_it, iterations):
         best_seen = coding_env.best_reward
         header = (f"# ROC AUC {best_seen:.4f} on {dataset.name} (mean of 5 random 50/50 splits), iteration {it + 1}, "
                   f"environment step {coding_env.env_steps}\n")
-        write(os.path.join(out, "best_code.py"), header + coding_env.best_code, "w")
+        replace_file(os.path.join(out, "best_code.py"), lambda f: f.write((header + coding_env.best_code).encode()))
     if args.sample_every and (it + 1) % args.sample_every == 0:
         info = infos[0]
         result = f"reward {info['reward']:.4f}" if info["error"] is None else f"error: {info['error'].splitlines()[-1]}"
