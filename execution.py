@@ -285,6 +285,10 @@ def _recv(f):
 SERVER_FAILED = "the sandbox stopped responding while running this batch"
 
 
+class SandboxError(RuntimeError):
+    """The sandbox itself, not a program, failed: its server cannot start (a full temporary folder, say)."""
+
+
 class Sandbox:
     """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
 
@@ -295,11 +299,15 @@ class Sandbox:
     def _start(self):
         fixed = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         fixed["PYTHONHASHSEED"] = "0"  # the server's, and so its forked children's, set order: the same every run
-        self.root = tempfile.mkdtemp(prefix="etpo-sandbox-")  # the programs' scratch folders: close() removes them
-        fixed["TMPDIR"] = self.root  # all, even those of a batch that a dying server could not clean up
-        weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
+        try:
+            self.root = tempfile.mkdtemp(prefix="etpo-sandbox-")  # the programs' scratch folders: close() removes
+            fixed["TMPDIR"] = self.root  # them all, even those of a batch that a dying server could not clean up
+            weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
+        except OSError as e:  # no program ran: that is no program's score
+            raise SandboxError(f"the sandbox could not start ({e.strerror or e}): free some space in "
+                               f"{tempfile.gettempdir()}, or point TMPDIR at a folder that has some") from None
         self.sent = set()
 
     def run(self, sources, dataset, heldout=False, timeout=60.0):

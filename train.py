@@ -443,7 +443,10 @@ for it in range(start_it, iterations):
         t_rollout += time.time() - t1
         t1 = time.time()
         with tqdm(total=1, desc=f"running {len(texts)} programs", leave=False, disable=not tty):
-            rewards, dones, next_prompts, infos = coding_env.step(texts)
+            try:
+                rewards, dones, next_prompts, infos = coding_env.step(texts)
+            except execution.SandboxError as e:
+                fail(f"{e}; then continue with --resume --out {out}" if os.path.exists(ckpt_path) else str(e))
         t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
     # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k

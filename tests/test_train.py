@@ -118,6 +118,24 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
 
 
+def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path):
+    # a full temporary folder, played by a sitecustomize module: no program ran, so no program may score -1 for it
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
+        "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])}
+    r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
+                        str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the sandbox could not start (No space left on device): free some space in "), last
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or metrics(str(tmp_path / "run")) == []
+
+
 # README, "Fork it": an environment needs only these members to drive train.py's loop, checkpoints included
 ANOTHER_ENV = """
 import numpy as np
