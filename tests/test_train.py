@@ -95,23 +95,27 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
                                                  "a new run with another --out")
 
 
-def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
-    # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop (a
-    # sitecustomize module patches it in)
+def train_patched(tmp_path, sitecustomize, *args, **environ):
+    """A short train.py run into tmp_path/run with a sitecustomize module that patches a failure in."""
     hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os\nimport torch\nimport model\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
-        "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n\n"
-        "if os.environ['OUT_OF_MEMORY_IN'] == 'the update':\n    model.AdapterLM.action_logits = out_of_memory\n"
-        "else:\n    sampling.sample_ids = out_of_memory\n")
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(sitecustomize)
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT]), **environ}
+    return subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
+                           str(tmp_path / "run"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=environ)
+
+
+def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
+    # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop
+    hook = ("import os\nimport torch\nimport model\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
+            "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n\n"
+            "if os.environ['OUT_OF_MEMORY_IN'] == 'the update':\n    model.AdapterLM.action_logits = out_of_memory\n"
+            "else:\n    sampling.sample_ids = out_of_memory\n")
     for stage, extra, advice in [("the update", [], "start again with --checkpointing"),
                                  ("the update", ["--checkpointing"], "start a new run with a smaller --n-envs"),
                                  ("the rollout", [], "start a new run with a smaller --n-envs")]:  # no backward pass
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT]), "OUT_OF_MEMORY_IN": stage}
-        r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
-                            str(tmp_path / "run"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=environ)
+        r = train_patched(tmp_path, hook, *extra, OUT_OF_MEMORY_IN=stage)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4: " + advice), last
@@ -119,21 +123,15 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
 
 
 def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path):
-    # a full temporary folder, played by a sitecustomize module: no program ran, so no program may score -1 for it
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
-        "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
-        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-        "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])}
-    r = subprocess.run([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
-                        str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
+    # a full temporary folder: no program ran, so no program may score -1 for it
+    r = train_patched(tmp_path, "import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
+                      "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
+                      "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+                      "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the sandbox could not start (No space left on device): free some space in "), last
-    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or metrics(str(tmp_path / "run")) == []
+    assert metrics(str(tmp_path / "run")) == []  # no iteration was logged
 
 
 # README, "Fork it": an environment needs only these members to drive train.py's loop, checkpoints included
