@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -110,9 +111,12 @@ if args.rollout_steps is None:
 model_name = os.path.basename(args.model.rstrip("/"))
 out = args.out or os.path.join("runs", f"{env.folder_name(args.dataset)}-{model_name}-{args.algo}")
 ckpt_path = os.path.join(out, "ckpt.pt")
+made_out = not os.path.exists(out)  # fail() removes the folder this run makes if nothing was written into it
 
 
 def fail(message):
+    if made_out and os.path.isdir(out) and os.listdir(out) == [".lock"]:
+        shutil.rmtree(out, ignore_errors=True)
     sys.exit(f"error: {message}")
 
 

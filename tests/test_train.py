@@ -322,3 +322,4 @@ def test_user_errors_end_with_one_sentence(args, phrase, tmp_path):
     assert "Retrying" not in r.stderr  # offline, a Hub id fails at once (model.hub_options), not after 5 retries
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")  # nothing was written, so no empty run folder is left behind
