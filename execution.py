@@ -197,12 +197,12 @@ def _finish(status, timed_out, raw, scratch, job):
 def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
     """Fork up to `workers` children at a time; kill each process group at exit or timeout; never wait on EOF."""
     pending, running, results = list(enumerate(jobs)), {}, [None] * len(jobs)
+    server_pid = os.getpid()
     while pending or running:
         while pending and len(running) < workers:
             i, job = pending.pop(0)
             scratch = tempfile.mkdtemp(prefix="etpo-run-")
             r, w = os.pipe()
-            server_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(r)
