@@ -28,6 +28,7 @@ import copy
 import math
 import os
 import socket
+import sys
 import urllib.parse
 
 import torch
@@ -371,7 +372,8 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    transformers.utils.logging.disable_progress_bar()
+    if not sys.stderr.isatty():  # at a terminal the bars show a first download (13.5 GB for CodeLlama-7B) and the
+        transformers.utils.logging.disable_progress_bar()  # load; in a log file they are noise
     device = resolve_device(device)
     if device.type == "cuda":  # the float32 head (AdapterLM.head) multiplies bf16 values, which TF32 holds exactly
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -11,6 +11,7 @@ Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny mo
 """
 
 import os
+import pty
 import shutil
 import socket
 import subprocess
@@ -420,6 +421,29 @@ def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, m
                        env=env, capture_output=True, text=True, timeout=120)
     assert "could not load the model 'some-org/not-cached'" in r.stderr and "pass a local path" in r.stderr
     assert "Retrying" not in r.stderr  # huggingface_hub's 5 retries with backoff (about 25 s) were skipped
+
+
+def test_progress_bars_show_at_a_terminal_and_not_in_a_log(tmp_path):
+    # a first `python train.py --dataset cmc` downloads 13.5 GB: at a terminal its bars must show, not minutes of
+    # silence; piped into a log file they would be noise
+    code = ("import model, transformers\nmodel.load('tiny', device='cpu')\n"
+            "print(transformers.utils.logging.is_progress_bar_enabled())")
+    run, root = [sys.executable, "-c", code], os.path.dirname(model.__file__)
+    piped = subprocess.run(run, cwd=root, capture_output=True, text=True, timeout=300)
+    assert piped.stdout.split()[-1] == "False", piped.stderr[-2000:]
+    terminal, side = pty.openpty()
+    with open(tmp_path / "stdout", "w") as out:
+        proc = subprocess.Popen(run, cwd=root, stdout=out, stderr=side)
+    os.close(side)
+    while True:  # read what it writes to the terminal, so that it never waits on a full one
+        try:
+            if not os.read(terminal, 4096):
+                break
+        except OSError:  # the child has closed its end
+            break
+    assert proc.wait(timeout=300) == 0
+    os.close(terminal)
+    assert (tmp_path / "stdout").read_text().split()[-1] == "True"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
