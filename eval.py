@@ -343,3 +343,5 @@ if __name__ == "__main__":
     except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
         sys.exit("error: the GPU ran out of memory; run again with a smaller --n-envs or --max-new-tokens (the results "
                  "printed so far are lost from the tables)")
+    except execution.SandboxError as e:  # a full temporary folder, say
+        sys.exit(f"error: {e}")

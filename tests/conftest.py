@@ -74,3 +74,13 @@ def phi3_dir(tmp_path_factory):
     Phi3ForCausalLM(config).eval().save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def full_temporary_folder():
+    """A sitecustomize module (put first on PYTHONPATH) under which the sandbox cannot create its folder, as when
+    the temporary folder's disk is full."""
+    return ("import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
+            "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
+            "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")

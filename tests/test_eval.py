@@ -123,7 +123,7 @@ def test_perplexity_of_the_reference_on_its_own_samples():
     assert evaluation.perplexity(lm, None, " ".join(words)) > first
 
 
-def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path):
+def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path, full_temporary_folder):
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", "--n-envs", "4",
             "--max-new-tokens", "48", "--out", str(tmp_path / "e"))
     assert r.returncode == 0 and "| iris | " in r.stdout, r.stderr[-2000:]
@@ -144,6 +144,12 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: the GPU ran out of memory; run again with a smaller")
+    (hook / "sitecustomize.py").write_text(full_temporary_folder)  # the sandbox cannot start
+    r = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--datasets", "iris", "--steps", "4",
+                        "--n-envs", "4", "--out", str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the sandbox could not start (No space left on device)")
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),

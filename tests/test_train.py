@@ -122,12 +122,8 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
 
 
-def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path):
-    # a full temporary folder: no program ran, so no program may score -1 for it
-    r = train_patched(tmp_path, "import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
-                      "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
-                      "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-                      "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")
+def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path, full_temporary_folder):
+    r = train_patched(tmp_path, full_temporary_folder)  # no program ran, so no program may score -1 for it
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the sandbox could not start (No space left on device): free some space in "), last
