@@ -95,7 +95,11 @@ parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--sample-every", type=int, default=5, help="print a generated program every this many iterations")
 parser.add_argument("--save-every", type=int, default=5, help="write the checkpoint every this many iterations")
 args = parser.parse_args()
-given = {key for key, value in vars(args).items() if value != parser.get_default(key)}  # set on the command line
+# the flags set on the command line: parsed again into a namespace that holds a marker for every flag, over which
+# argparse writes no default
+unset = object()
+given = {k for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+         if v is not unset}
 
 PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, small-and-fast ones for the tiny model
     "paper": dict(n_envs=8, max_new_tokens=256, temperature=0.5, top_k=50, beta=0.01, lr=1e-4, tau=0.005, q_steps=1,

@@ -93,6 +93,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("error: --lr 0.0005 differs from the 0.001 this run started with, "
                                                  "and a resumed run keeps its configuration: drop the flag, or start "
                                                  "a new run with another --out")
+    r = train(*TINY, "--n-envs", "8", "--seed", "0", "--steps", "48", "--out", half, "--resume")  # 0: the default
+    assert r.returncode != 0 and "error: --seed 0 differs from the 3 this run started with" in r.stderr
 
 
 def train_patched(tmp_path, sitecustomize, *args, **environ):
