@@ -124,6 +124,10 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
+# until the loop, where on_stop (below) takes over, Ctrl-C (while the model loads, say) quits at once, no traceback
+signal.signal(signal.SIGINT, lambda signum, frame: fail("stopped by Ctrl-C before the first iteration"))
+
+
 def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
     resume = f"continue from the last checkpoint with --resume --out {out}"
     fail(f"could not write {path} ({str(e).splitlines()[0][:100]}): free some space, then "
@@ -138,9 +142,10 @@ def replace_file(path, save):
             save(f)
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when a write fails
+        could_not_write(path, e)
+    finally:  # whatever cut the write short (a second Ctrl-C, too): no half file is left beside PATH
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        could_not_write(path, e)
 
 
 def append_line(path, line):
@@ -262,10 +267,11 @@ stop_requested = False
 def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the job): finish the iteration, save,
     # exit; a second one: quit now. The sandbox ignores both, so the programs in flight are not cut short.
     global stop_requested
-    if stop_requested:
-        raise KeyboardInterrupt
-    stop_requested = True
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    if stop_requested:
+        fail(f"stopped by a second {name}, without saving this iteration"
+             + (f"; continue from the last checkpoint with --resume --out {out}" if os.path.exists(ckpt_path) else ""))
+    stop_requested = True
     print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
 
 

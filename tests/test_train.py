@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -202,6 +203,45 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     assert 1 <= ckpt["it"] < 100 and len(metrics(out)) == ckpt["it"]
     r = train(*TINY, "--n-envs", "8", "--steps", "800", "--out", out)  # a new run never overwrites a saved one
     assert r.returncode != 0 and "already holds a run" in r.stderr
+
+
+def test_ctrl_c_while_the_model_loads_quits_at_once_with_one_sentence(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--out", str(tmp_path / "run")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("derived:"):  # the dataset and the model load next
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in stderr and "it 1/" not in stdout, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: stopped by Ctrl-C before the first iteration"
+    assert not os.path.exists(tmp_path / "run")  # nothing was written: no folder left behind
+
+
+def test_a_second_ctrl_c_quits_at_once_with_one_sentence(tmp_path):
+    hook = tmp_path / "hook"  # a slow torch.save: the second Ctrl-C comes while the first one's checkpoint is written
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import time\nimport torch\n\nsave = torch.save\n\n\n"
+                                           "def slow(*args, **kwargs):\n    time.sleep(30)\n"
+                                           "    save(*args, **kwargs)\n\n\ntorch.save = slow\n")
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--n-envs", "4", "--steps", "8", "--out",
+                             str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
+    for line in proc.stdout:
+        if line.startswith("it 1/"):
+            proc.send_signal(signal.SIGINT)
+        if line.startswith("Ctrl-C: finishing this iteration"):
+            break
+    half = tmp_path / "run" / "ckpt.pt.tmp"
+    for _ in range(400):  # until the save has begun
+        if half.exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)  # not the 30 s of the slow save
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: stopped by a second Ctrl-C, without saving this iteration"
+    assert half.parent.exists() and not half.exists() and not (tmp_path / "run" / "ckpt.pt").exists()  # no half
 
 
 def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path):
