@@ -70,7 +70,8 @@ device = torch.device("cuda" if cuda else "cpu")
 
 @contextlib.contextmanager
 def user_input():
-    """A bad --model, dataset or checkpoint ends with one sentence, as in train.py, instead of a traceback."""
+    """A bad --model, dataset or checkpoint, or a sandbox that cannot start, ends with one sentence, as in train.py,
+    instead of a traceback."""
     try:
         yield
     except (ValueError, OSError, RuntimeError) as e:
@@ -103,7 +104,8 @@ if args.env:  # ----------------------------------------------------------------
     programs = [env.SIGNATURE + body for body in tiny.training_corpus()[:16]]  # varied, some broken, like a policy's
     sandbox = execution.Sandbox(workers=args.workers)
     t0 = time.perf_counter()
-    results = sandbox.run(programs, dataset)
+    with user_input():  # and a sandbox that cannot start (a full temporary folder)
+        results = sandbox.run(programs, dataset)
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     sandbox.run(programs, dataset)
@@ -129,7 +131,8 @@ if args.sample:  # -------------------------------------------------------------
                                    max_new_tokens=args.action_len, temperature=args.temperature,
                                    stop_strings=env.STOP_STRINGS, generator=generator)[2]
     sandbox = execution.Sandbox(workers=args.workers)
-    results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
+    with user_input():
+        results = sandbox.run([env.program(t, lm.supports_infill) for t in texts], dataset)
     sandbox.close()
     n = len(results)
     runnable = sum(error is None for _, error in results) / n

@@ -3,7 +3,7 @@ bench.py runs end to end on the CPU (tiny preset, small shapes): the model table
 reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
 never asserted; what is asserted is how they relate (the static cache moves fewer bytes than the dynamic one, torch's
 RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count). A bad model,
-dataset or checkpoint ends with one sentence.
+dataset or checkpoint, or a sandbox that cannot start, ends with one sentence.
 
 Run: python -m pytest tests/test_bench.py -q
 """
@@ -90,12 +90,15 @@ def test_numerics_benchmark_on_a_checkpoint(ckpt):
     (["--sample", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
     (["--numerics", "BAD"], "could not read the checkpoint"),
     (["--iters", "0"], "--iters 0 must be positive"),
+    (["--env", "iris", "FULL"], "the sandbox could not start"),
 ])
-def test_bad_input_ends_with_one_sentence(args, phrase, tmp_path):
+def test_bad_input_ends_with_one_sentence(args, phrase, tmp_path, full_temporary_folder):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "sitecustomize.py").write_text(full_temporary_folder)  # FULL: on PYTHONPATH
     paths = {"NO_SUCH_FOLDER": str(tmp_path / "no-such-model"), "BAD": str(tmp_path / "bad.pt")}
-    r = subprocess.run([sys.executable, "bench.py", *(paths.get(a, a) for a in args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    python_path = os.pathsep.join([str(tmp_path), ROOT] if "FULL" in args else [ROOT])
+    r = subprocess.run([sys.executable, "bench.py", *(paths.get(a, a) for a in args if a != "FULL")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": python_path})
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
