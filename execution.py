@@ -299,15 +299,19 @@ class Sandbox:
     def _start(self):
         fixed = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         fixed["PYTHONHASHSEED"] = "0"  # the server's, and so its forked children's, set order: the same every run
+        # if either step below fails, no program runs: that is no program's score, so it is a SandboxError
         try:
             self.root = tempfile.mkdtemp(prefix="etpo-sandbox-")  # the programs' scratch folders: close() removes
-            fixed["TMPDIR"] = self.root  # them all, even those of a batch that a dying server could not clean up
-            weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
-            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
-        except OSError as e:  # no program ran: that is no program's score
+        except OSError as e:  # them all, even those of a batch that a dying server could not clean up
             raise SandboxError(f"the sandbox could not start ({e.strerror or e}): free some space in "
                                f"{tempfile.gettempdir()}, or point TMPDIR at a folder that has some") from None
+        fixed["TMPDIR"] = self.root
+        weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
+        try:
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
+        except OSError as e:  # no process left to fork, or no memory for one: free space would not help
+            raise SandboxError(f"the sandbox could not start its server process ({e.strerror or e})") from None
         self.sent = set()
 
     def run(self, sources, dataset, heldout=False, timeout=60.0):

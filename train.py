@@ -128,10 +128,15 @@ def fail(message):
 signal.signal(signal.SIGINT, lambda signum, frame: fail("stopped by Ctrl-C before the first iteration"))
 
 
+def resume_command():
+    """How to continue from the checkpoint on disk, for the sentence that ends a run ("" if there is none yet)."""
+    return f"--resume --out {out}" if os.path.exists(ckpt_path) else ""
+
+
 def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
-    resume = f"continue from the last checkpoint with --resume --out {out}"
+    resume = resume_command()
     fail(f"could not write {path} ({str(e).splitlines()[0][:100]}): free some space, then "
-         + (resume if os.path.exists(ckpt_path) else "start again"))
+         + (f"continue from the last checkpoint with {resume}" if resume else "start again"))
 
 
 def replace_file(path, save):
@@ -270,7 +275,7 @@ def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the 
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     if stop_requested:
         fail(f"stopped by a second {name}, without saving this iteration"
-             + (f"; continue from the last checkpoint with --resume --out {out}" if os.path.exists(ckpt_path) else ""))
+             + (f"; continue from the last checkpoint with {resume_command()}" if resume_command() else ""))
     stop_requested = True
     print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
 
@@ -284,7 +289,7 @@ def gpu_advice(stage):
     """A CUDA out-of-memory error, or with --cuda-graph any error in the rollout (its graph has been checked on the
     CPU, not yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk
     (written only between iterations) is left as it was."""
-    resume = f"--resume --out {out}" if os.path.exists(ckpt_path) else ""
+    resume = resume_command()
     try:
         yield
     except torch.cuda.OutOfMemoryError:
@@ -460,7 +465,7 @@ for it in range(start_it, iterations):
             try:
                 rewards, dones, next_prompts, infos = coding_env.step(texts)
             except execution.SandboxError as e:
-                fail(f"{e}; then continue with --resume --out {out}" if os.path.exists(ckpt_path) else str(e))
+                fail(f"{e}; then continue with {resume_command()}" if resume_command() else str(e))
         t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
     # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k

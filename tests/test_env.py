@@ -7,6 +7,7 @@ the MDP.
 Run: python -m pytest tests/test_env.py -q
 """
 
+import errno
 import os
 import shutil
 import socket
@@ -265,6 +266,19 @@ def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
         sb.close()
         if os.path.exists(shm):
             os.remove(shm)
+
+
+def test_a_sandbox_that_cannot_start_says_why(iris, monkeypatch):
+    # its folder on a full disk (train.py's test plays that) and a server that cannot be forked get different advice
+    def no_process(*args, **kwargs):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(execution.subprocess, "Popen", no_process)
+    sb = execution.Sandbox(workers=1)
+    with pytest.raises(execution.SandboxError, match=r"^the sandbox could not start its server process \(Resource "
+                                                      r"temporarily unavailable\)$"):
+        sb.run([GOOD], iris, timeout=10)
+    assert sb.cache == {}  # no program's score
 
 
 def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
