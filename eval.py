@@ -20,6 +20,7 @@ reference at every token).
 """
 
 import argparse
+import atexit
 import csv
 import html
 import json
@@ -279,10 +280,13 @@ def main():
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
+    made_out = not os.path.exists(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         sys.exit(f"error: cannot create the output folder {args.out} ({e.strerror}): pass another --out")
+    if made_out:  # an evaluation that ends before writing (a bad checkpoint, say) leaves no empty folder behind
+        atexit.register(lambda: os.path.isdir(args.out) and not os.listdir(args.out) and os.rmdir(args.out))
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]

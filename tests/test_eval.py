@@ -129,8 +129,9 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     assert r.returncode == 0 and "| iris | " in r.stdout, r.stderr[-2000:]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nope")
-    r = run("eval.py", "--ckpt", str(bad), "--datasets", "iris")
+    r = run("eval.py", "--ckpt", str(bad), "--datasets", "iris", "--out", str(tmp_path / "never"))
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: could not read the checkpoint")
+    assert not (tmp_path / "never").exists()  # the output folder it made is gone again
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--n-envs", "0")  # was max() of an empty sequence
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: --n-envs 0 must be positive"
