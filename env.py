@@ -77,10 +77,19 @@ def folder_name(name):
     return "-".join(filter(None, (path, target[1:]))) if csv else path
 
 
-def load_dataset(name, data_dir=None, openml_cache=None):
-    """A prepared Dataset by name (see dataset_names()), or from a CSV file given as `path.csv` or `path.csv:target`."""
+def read_csv(path):
+    """A CSV file as a DataFrame; a file pandas cannot parse (empty, binary, ragged rows) gets one sentence."""
     import pandas as pd
 
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read {path} as a CSV file ({str(e).strip().splitlines()[0][:120]}): pass a "
+                         "comma-separated text file whose first line names the columns") from None
+
+
+def load_dataset(name, data_dir=None, openml_cache=None):
+    """A prepared Dataset by name (see dataset_names()), or from a CSV file given as `path.csv` or `path.csv:target`."""
     data_dir = data_dir or "data"
     if name in OPENML_IDS:
         (df, target), source = _openml_frame(name, openml_cache), f"OpenML dataset {OPENML_IDS[name]}"
@@ -90,7 +99,7 @@ def load_dataset(name, data_dir=None, openml_cache=None):
         if not os.path.exists(path):
             raise FileNotFoundError(f"the Kaggle dataset '{name}' needs the file {path}; download {file} from Kaggle "
                                     f"(it needs a login) into {os.path.join(data_dir, name)}/ or pass --data-dir")
-        df, source = pd.read_csv(path).drop(columns=drop).dropna(), f"Kaggle ({file})"
+        df, source = read_csv(path).drop(columns=drop).dropna(), f"Kaggle ({file})"
     elif name in SKLEARN:
         import sklearn.datasets
 
@@ -101,8 +110,8 @@ def load_dataset(name, data_dir=None, openml_cache=None):
         path, _, target = name.partition(".csv")
         path, target = path + ".csv", target[1:]
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no CSV file at {path}")
-        df, source = pd.read_csv(path), "CSV file"
+            raise FileNotFoundError(f"no CSV file at {path}; check the path")
+        df, source = read_csv(path), "CSV file"
         target = target or df.columns[-1]
         if target not in df.columns:
             raise ValueError(f"the CSV {path} has no column '{target}'; its columns are {list(df.columns)}")

@@ -129,6 +129,10 @@ def test_csv_path_with_target_column(tmp_path):
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
     d = env.load_dataset(f"{path}:label")  # rows without a label are dropped, not made a class of their own
     assert len(d.y) + len(d.y_test) == 50 and "2 classes: 0 = 0, 1 = 1." in d.description
+    for name, content in (("empty.csv", b""), ("binary.csv", bytes(range(256)) * 10)):  # one sentence, not pandas'
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a comma-separated"):
+            env.load_dataset(str(tmp_path / name))
 
 
 def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_class_scores(tmp_path, sandbox):
