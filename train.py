@@ -178,7 +178,7 @@ if args.resume:
                  "with, and a resumed run keeps its configuration: drop the flag, or start a new run with another "
                  "--out")
     for key, value in saved.items():
-        if key not in keep:
+        if key not in keep or (key == "steps" and key not in given):  # the run's budget, unless --steps changes it
             setattr(args, key, value)  # the run continues with the configuration it started with
 elif os.path.exists(ckpt_path):  # said before the model loads, which takes minutes for a 7B model
     fail(f"{out} already holds a run; continue it with --resume, or pass another --out")
@@ -196,6 +196,9 @@ iterations = args.steps // batch
 if iterations < 1:
     fail(f"--steps {args.steps} is less than one iteration ({batch} environment steps): raise --steps or lower "
          "--n-envs")
+if checkpoint is not None and checkpoint["it"] >= iterations:  # said before the model loads
+    fail(f"{out} has run its {checkpoint['it']} iterations ({checkpoint['env']['env_steps']} environment steps) "
+         "already: to train on, pass a larger --steps with --resume")
 adapters = ("policy", "q", "q_target") if args.algo == "etpo" else ("policy", "value")
 print("config:", json.dumps(vars(args)))
 print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}")

@@ -96,6 +96,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
                                                  "a new run with another --out")
     r = train(*TINY, "--n-envs", "8", "--seed", "0", "--steps", "48", "--out", half, "--resume")  # 0: the default
     assert r.returncode != 0 and "error: --seed 0 differs from the 3 this run started with" in r.stderr
+    r = train("--resume", "--out", half, timeout=120)  # a finished run: nothing to do, said before the model loads
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {half} has run its 4 iterations (32 environment steps) already: to train on, pass a larger --steps "
+        "with --resume")
 
 
 def train_patched(tmp_path, sitecustomize, *args, **environ):
@@ -203,6 +207,15 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     assert 1 <= ckpt["it"] < 100 and len(metrics(out)) == ckpt["it"]
     r = train(*TINY, "--n-envs", "8", "--steps", "800", "--out", out)  # a new run never overwrites a saved one
     assert r.returncode != 0 and "already holds a run" in r.stderr
+    # the command the run printed continues it to its own 100 iterations (it took the paper preset's 500 steps)
+    proc = subprocess.Popen([sys.executable, "train.py", "--resume", "--out", out], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("derived:"):
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert line.startswith("derived: 100 iterations of 1 x 8 environment steps"), line
 
 
 def test_ctrl_c_while_the_model_loads_quits_at_once_with_one_sentence(tmp_path):
