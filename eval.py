@@ -41,7 +41,8 @@ parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets an
 parser.add_argument("--ckpt", default=None, help="a checkpoint written by train.py")
 parser.add_argument("--model", default=None, help="the base model without --ckpt (e.g. tiny)")
 parser.add_argument("--policies", default=None, help="trained,reference (default: both with --ckpt)")
-parser.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the runs', or cmc)")
+parser.add_argument("--datasets", default=None,
+                    help="comma-separated dataset names (default: those of the --runs, or of the --ckpt's run, or cmc)")
 parser.add_argument("--runs", default=None, help="comma-separated run folders of train.py: each adds the best reward "
                     "it found while training, the paper's ETPO and PPO-KL columns")
 parser.add_argument("--seeds", type=int, default=5, help="repetitions per dataset (paper 5)")
@@ -136,6 +137,7 @@ def training_run(run, sandbox, args):
     starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
     last = [row for row, start in zip(rows, starts) if start >= state["env_steps"] - LAST_STEPS] or rows[-1:]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
+            "dataset_flag": config["dataset"],  # what loads it again: a CSV run's is its path, not its name
             "heldout": heldout_auc(sandbox, state["best_code"], dataset),
             "success": float(np.mean([row["env/success_rate"] for row in rows])),
             "first_try": float(np.mean([row["env/first_try_reward"] for row in last
@@ -302,7 +304,7 @@ def main():
     trained_methods = list(dict.fromkeys(r["method"] for r in results))
     budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
     methods = policies + trained_methods + list(BASELINES)
-    default = ",".join(dict.fromkeys(r["dataset"] for r in results)) or "cmc"
+    default = ",".join(dict.fromkeys(r["dataset_flag"] for r in results)) or config.get("dataset", "cmc")
     for name in (args.datasets or default).split(","):
         dataset = load_dataset(name, args)
         for policy in policies:

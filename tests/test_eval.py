@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,24 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
     assert best[5].startswith("| average | - | 0.")
     r = run("eval.py", "--runs", f"{run_dir},{run_dir}", "--out", str(out))  # two runs for one cell of one seed
     assert r.returncode != 0 and "same method on the same dataset with the same seed" in r.stderr
+
+
+def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, tmp_path):
+    x = np.random.default_rng(0).normal(size=(60, 2))  # a run on a CSV: its name (mine) is not what loads it again
+    (tmp_path / "mine.csv").write_text("\n".join(["a,b,label"] + [f"{u},{v},{int(u > 0)}" for u, v in x]))
+    (tmp_path / "run").mkdir()
+    torch.save({"config": {"dataset": str(tmp_path / "mine.csv:label"), "algo": "etpo", "seed": 0}, "it": 1,
+                "env": {"best_reward": 0.9, "best_code": None, "env_steps": 4}}, tmp_path / "run" / "ckpt.pt")
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"it": 0, "env_steps": 4, "env/success_rate": 0.5,
+                                                                "env/first_try_reward": 0.1}) + "\n")
+    small = ["--seeds", "1", "--steps", "4", "--n-envs", "4", "--max-new-tokens", "32"]
+    r = run("eval.py", "--runs", str(tmp_path / "run"), "--model", "tiny", *small, "--out", str(tmp_path / "e1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = (tmp_path / "e1" / "table.md").read_text().split("\n\n")[0].splitlines()
+    assert best[1].startswith("| dataset | reference | etpo |") and best[3].startswith("| mine | ")
+    r = run("eval.py", "--ckpt", ckpt, "--policies", "trained", *small, "--out", str(tmp_path / "e2"))  # cmc before
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "e2" / "table.md").read_text().split("\n\n")[0].splitlines()[3].startswith("| iris | ")
 
 
 def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
