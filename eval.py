@@ -250,8 +250,7 @@ def markdown_table(results, names, methods, key):
 
 
 def report(results, methods, titles, out):
-    """Print the tables (key, title) and write them to OUT/table.md, and every row to OUT/results.csv. Returns the
-    datasets in order."""
+    """Print the tables (key, title) and write them to OUT/table.md, and every row to OUT/results.csv."""
     names = list(dict.fromkeys(r["dataset"] for r in results))
     tables = [f"{title}, mean ± std over seeds:\n" + markdown_table(results, names, methods, key)
               for key, title in titles]
@@ -266,7 +265,6 @@ def report(results, methods, titles, out):
             errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
             writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"],
                              r["first_try"], errors])
-    return names
 
 
 def main():
@@ -296,6 +294,8 @@ def main():
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
+    if args.credit and (not args.ckpt or "q" not in lm.names):
+        sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     sandbox = execution.Sandbox()
     results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
     if len({(r["dataset"], r["method"], r["seed"]) for r in results}) < len(results):
@@ -305,8 +305,8 @@ def main():
     budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
     methods = policies + trained_methods + list(BASELINES)
     default = ",".join(dict.fromkeys(r["dataset_flag"] for r in results)) or config.get("dataset", "cmc")
-    for name in (args.datasets or default).split(","):
-        dataset = load_dataset(name, args)
+    datasets = [load_dataset(name, args) for name in (args.datasets or default).split(",")]  # all, before any runs
+    for dataset in datasets:
         for policy in policies:
             for seed in range(args.seeds):
                 r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
@@ -328,16 +328,14 @@ def main():
         first_try += f" ({', '.join(trained_methods)}: in the last {LAST_STEPS} environment steps of training)"
     best = "best ROC AUC (the paper's metric)" + (f": {'; '.join(budget)}" if budget else "")
     heldout = "held-out ROC AUC of that best program (rows the reward never saw)"
-    names = report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
-                                      ("first_try", first_try)], args.out)
+    report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
+                              ("first_try", first_try)], args.out)
     if args.perplexity:
         text = open(args.perplexity).read()
         for policy in policies:
             print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
     if args.credit:
-        if not args.ckpt or "q" not in lm.names:
-            sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
-        rows = credit_view(lm, load_dataset(names[0], args), config["beta"], args)
+        rows = credit_view(lm, datasets[0], config["beta"], args)
         print(render_credit(rows, os.path.join(args.out, "credit.html")))
     if args.curves:
         print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))

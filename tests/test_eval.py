@@ -92,10 +92,12 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"it": 0, "env_steps": 4, "env/success_rate": 0.5,
                                                                 "env/first_try_reward": 0.1}) + "\n")
     small = ["--seeds", "1", "--steps", "4", "--n-envs", "4", "--max-new-tokens", "32"]
-    r = run("eval.py", "--runs", str(tmp_path / "run"), "--model", "tiny", *small, "--out", str(tmp_path / "e1"))
+    r = run("eval.py", "--runs", str(tmp_path / "run"), "--ckpt", ckpt, "--policies", "reference", "--credit", *small,
+            "--out", str(tmp_path / "e1"))  # and the credit view on its first dataset, which was loaded by its name
     assert r.returncode == 0, r.stderr[-2000:]
     best = (tmp_path / "e1" / "table.md").read_text().split("\n\n")[0].splitlines()
     assert best[1].startswith("| dataset | reference | etpo |") and best[3].startswith("| mine | ")
+    assert (tmp_path / "e1" / "credit.html").exists()
     r = run("eval.py", "--ckpt", ckpt, "--policies", "trained", *small, "--out", str(tmp_path / "e2"))  # cmc before
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "e2" / "table.md").read_text().split("\n\n")[0].splitlines()[3].startswith("| iris | ")
@@ -170,6 +172,10 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
                        timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: the sandbox could not start (No space left on device)")
+    r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--credit", "--out", str(tmp_path / "e4"), timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (  # before the evaluation, not after it
+        "error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
+    assert not (tmp_path / "e4").exists()
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
