@@ -176,6 +176,9 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (  # before the evaluation, not after it
         "error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     assert not (tmp_path / "e4").exists()
+    r = run("eval.py", "--model", "tiny", "--datasets", "iris,nosuch", "--seeds", "1", "--steps", "4")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nosuch'")
+    assert "iris reference" not in r.stdout  # said before iris was evaluated
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
