@@ -17,6 +17,7 @@ reference at every token).
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
     python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
     python eval.py --runs RUN1,RUN2 --model tiny --policies reference --steps 960   # the paper's table 2
+    python eval.py --curves RUN1,RUN2 --plot curves.png     # learning curves alone (needs matplotlib)
 """
 
 import argparse
@@ -213,13 +214,12 @@ def render_credit(rows, path):
 
 
 def plot_curves(run_dirs, path):
-    try:
-        import matplotlib
+    """Mean reward against environment steps, one line per run, as a PNG (main checked that matplotlib is there)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "learning curves need matplotlib (pip install matplotlib); skipped"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in run_dirs:
         with open(os.path.join(run, "metrics.jsonl")) as f:
@@ -280,6 +280,11 @@ def main():
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
+    if args.curves:
+        try:
+            import matplotlib  # noqa: F401 (optional: only the curves need it)
+        except ImportError:
+            sys.exit("error: --curves needs matplotlib, which the requirements leave out: pip install matplotlib")
     made_out = not os.path.exists(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -287,6 +292,9 @@ def main():
         sys.exit(f"error: cannot create the output folder {args.out} ({e.strerror}): pass another --out")
     if made_out:  # an evaluation that ends before writing (a bad checkpoint, say) leaves no empty folder behind
         atexit.register(lambda: os.path.isdir(args.out) and not os.listdir(args.out) and os.rmdir(args.out))
+    if args.curves and not (args.ckpt or args.model or args.runs or args.perplexity or args.credit):
+        print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+        return  # the curves alone: nothing to evaluate
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]

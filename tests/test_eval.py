@@ -103,6 +103,35 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     assert (tmp_path / "e2" / "table.md").read_text().split("\n\n")[0].splitlines()[3].startswith("| iris | ")
 
 
+def test_learning_curves_alone(ckpt, tmp_path):
+    """--curves RUN needs no model; matplotlib (optional) is played by a stand-in that saves what it was asked to plot,
+    and its absence is one sentence before anything runs."""
+    run_dir = os.path.dirname(ckpt)
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("def use(backend):\n    pass\n")
+    (fake / "pyplot.py").write_text(
+        "import json\n\n\nclass Axes:\n    lines = []\n\n    def plot(self, x, y, label):\n"
+        "        self.lines.append([label, list(x), list(y)])\n\n    def __getattr__(self, name):  # labels, legend\n"
+        "        return lambda *args, **kwargs: None\n\n\nclass Figure:\n"
+        "    def savefig(self, path, **kwargs):\n        open(path, 'w').write(json.dumps(Axes.lines))\n\n\n"
+        "def subplots(**kwargs):\n    return Figure(), Axes()\n")
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT])}
+    r = subprocess.run([sys.executable, "eval.py", "--curves", run_dir, "--plot", str(tmp_path / "c.png"), "--out",
+                        str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    lines = json.loads((tmp_path / "c.png").read_text())
+    assert lines == [["etpo", [m["env_steps"] for m in rows], [m["env/reward_mean"] for m in rows]]]
+    assert not (tmp_path / "e").exists()  # nothing else was written
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--curves", run_dir], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=environ)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: --curves needs matplotlib, which the requirements leave out: pip install matplotlib")
+
+
 def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
     """ETPO's iterations are 32 environment steps here, PPO-KL's 160: both are read over their last 160 steps."""
     import eval as evaluation
