@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -140,10 +141,26 @@ def build(cache_dir=None, steps=600, seed=0):
         loss.backward()
         opt.step()
     hf.eval()
-    os.makedirs(path, exist_ok=True)
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    with open(os.path.join(path, "done"), "w") as f:
-        json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
+    # written whole into a folder of this process, then renamed: runs started together on a fresh machine (seeds in
+    # parallel) each build the model, and none may load a folder that another is still writing
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "done"), "w") as f:
+            json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "done")):
+            shutil.rmtree(path, ignore_errors=True)  # a build cut short before this file wrote into a folder first
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process was first; its model is this one (same corpus, steps and seed)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(os.path.join(path, "done")):
+                raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the tiny model into {cache_dir} ({e.strerror or e}): set ETPO_CACHE to a "
+                      "folder you can write to") from None
     print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
     return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)  # as later

@@ -478,3 +478,28 @@ def test_tiny_preset_samples_runnable_and_varied_code(lm):
     runnable = sum(error is None for _, error in results)
     assert runnable >= 16 and len(set(texts)) >= 40, (runnable, len(set(texts)))
     assert max(reward for reward, _ in results) > 0.95  # some of them are good classifiers
+
+
+def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
+    # runs started together on a fresh machine each build the model: none may find the final folder half written
+    import transformers
+
+    import tiny
+
+    seen, save = [], transformers.PreTrainedTokenizerFast.save_pretrained
+
+    def save_and_look(self, folder, *args, **kwargs):  # the model's files are written by now, the marker is not
+        seen.append(sorted(os.listdir(tmp_path / "cache")))
+        return save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", save_and_look)
+    hf, tok = tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
+    (built,) = os.listdir(tmp_path / "cache")
+    assert len(seen) == 1 and seen[0] == [f"{built}.tmp-{os.getpid()}"]  # only this process's own folder
+    assert built.startswith("tiny-") and os.path.exists(tmp_path / "cache" / built / "done")
+    os.remove(tmp_path / "cache" / built / "done")  # a build cut short, as an older version could leave one
+    tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
+    assert os.listdir(tmp_path / "cache") == [built] and os.path.exists(tmp_path / "cache" / built / "done")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError, match="could not write the tiny model into .*a-file.*: set ETPO_CACHE to a folder"):
+        tiny.build(cache_dir=str(tmp_path / "a-file" / "cache"), steps=2)
