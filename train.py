@@ -417,7 +417,8 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
             last_values = lm.state_value(last_ids, last_mask, next_prompts[-N:])  # (N,) V(s_K), bootstraps the rest
         advantages, returns = ppo_kl.gae(shaped, values, dones.view(K, N), last_values, args.gamma, args.gae_lambda)
         advantages, returns = advantages.flatten(), returns.flatten()  # (B,) one per action
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # per-batch, as cleanrl ppo.py
+        if len(advantages) > 1:  # per-batch, as cleanrl ppo.py (one action has no std: it stays as it is)
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
     # 4-5. epochs of minibatches: the clipped surrogate on the policy adapter, the value loss on the value adapter
     losses_pi, losses_v, finite = [], [], True

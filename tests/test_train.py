@@ -11,6 +11,7 @@ Run: python -m pytest tests/test_train.py -q
 
 import fcntl
 import json
+import math
 import os
 import re
 import resource
@@ -73,6 +74,10 @@ def test_ppo_kl_runs_through_the_same_loop(tmp_path):
     r = train(*TINY, "--algo", "ppo_kl", "--n-envs", "4", "--rollout-steps", "2", "--steps", "32", "--out", out,
               "--resume")
     assert r.returncode == 0 and len(metrics(out)) == 4, r.stderr[-2000:]
+    r = train(*TINY, "--algo", "ppo_kl", "--n-envs", "1", "--rollout-steps", "1", "--steps", "2", "--out",
+              str(tmp_path / "one"))  # one action per batch: no std to normalise its advantage by (it was NaN)
+    assert r.returncode == 0 and "non-finite" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert all(math.isfinite(m["loss/pi"]) for m in metrics(str(tmp_path / "one")))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
