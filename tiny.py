@@ -151,7 +151,7 @@ def build(cache_dir=None, steps=600, seed=0):
         with open(os.path.join(tmp, "done"), "w") as f:
             json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, "done")):
-            shutil.rmtree(path, ignore_errors=True)  # a build cut short before this file wrote into a folder first
+            shutil.rmtree(path, ignore_errors=True)  # no marker: a build cut short (older versions wrote in place)
         try:
             os.rename(tmp, path)
         except OSError:  # another process was first; its model is this one (same corpus, steps and seed)
