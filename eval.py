@@ -47,7 +47,8 @@ parser.add_argument("--datasets", default=None,
 parser.add_argument("--runs", default=None, help="comma-separated run folders of train.py: each adds the best reward "
                     "it found while training, the paper's ETPO and PPO-KL columns")
 parser.add_argument("--seeds", type=int, default=5, help="repetitions per dataset (paper 5)")
-parser.add_argument("--steps", type=int, default=40, help="environment steps N per repetition")
+parser.add_argument("--steps", type=int, default=40,
+                    help="environment steps N per repetition (rounded up to a multiple of --n-envs)")
 parser.add_argument("--n-envs", type=int, default=8, help="parallel episodes")
 parser.add_argument("--temperature", type=float, default=None, help="default: the run's (tiny 1.0, else 0.5)")
 parser.add_argument("--top-k", type=int, default=None, help="default: the run's (tiny 0, else 50)")
