@@ -221,6 +221,8 @@ try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     fail(f"another train.py is writing to {out}: wait for it to end, or pass another --out")
+except OSError as e:  # a file system without locks (Lustre mounted without -o flock, some NFS): the run goes on
+    print(f"warning: {out} cannot be locked ({e.strerror}); start no second run into it while this one runs")
 try:
     if args.cuda_graph and model.resolve_device(args.device).type != "cuda":  # said before a 7B model loads
         fail("--cuda-graph needs a CUDA GPU and this run is not on one: drop the flag")

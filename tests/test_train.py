@@ -118,6 +118,14 @@ def train_patched(tmp_path, sitecustomize, *args, **environ):
                           env=environ)
 
 
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path):
+    # Lustre mounted without -o flock answers flock() with ENOSYS: that was a traceback before the model loaded
+    r = train_patched(tmp_path, "import errno, fcntl\n\n\ndef flock(fd, operation):\n"
+                                "    raise OSError(errno.ENOSYS, 'Function not implemented')\n\n\nfcntl.flock = flock\n")
+    assert r.returncode == 0 and "cannot be locked (Function not implemented)" in r.stdout, r.stderr[-2000:]
+    assert len(metrics(str(tmp_path / "run"))) == 2  # the whole run: 8 environment steps of 4 episodes
+
+
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
     # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop
     hook = ("import os\nimport torch\nimport model\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
