@@ -397,8 +397,10 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             hf = AutoModelForCausalLM.from_pretrained(name, **hub, **dtype_argument(dtype)).to(device)
         except (OSError, ValueError) as e:
-            raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); if this machine "
-                               "is offline, pass a local path with --model or use --model tiny") from None
+            advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run folder "
+                      "of train.py holds none), or a Hub id" if os.path.exists(name) else
+                      "if this machine is offline, pass a local path with --model or use --model tiny")
+            raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); {advice}") from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
         hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree

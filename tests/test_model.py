@@ -392,6 +392,9 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
             model.load(seven_b_config(tmp_path / "7b"), device="cpu")
     with pytest.raises(RuntimeError, match="could not load the model .* pass a local path with --model"):
         model.load(str(tmp_path / "no-such-model"), device="cpu")
+    (tmp_path / "run").mkdir()  # a folder that exists but holds no model: the offline advice would mislead
+    with pytest.raises(RuntimeError, match="could not load the model .* pass a folder that holds a Hugging Face model"):
+        model.load(str(tmp_path / "run"), device="cpu")
 
 
 def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, monkeypatch, codellama_dir):
