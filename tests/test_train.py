@@ -121,9 +121,10 @@ def train_patched(tmp_path, sitecustomize, *args, **environ):
 def test_a_file_system_without_locks_runs_with_a_warning(tmp_path):
     # Lustre mounted without -o flock answers flock() with ENOSYS: that was a traceback before the model loaded
     r = train_patched(tmp_path, "import errno, fcntl\n\n\ndef flock(fd, operation):\n"
-                                "    raise OSError(errno.ENOSYS, 'Function not implemented')\n\n\nfcntl.flock = flock\n")
+                                "    raise OSError(errno.ENOSYS, 'Function not implemented')\n\n\nfcntl.flock = flock\n",
+                      "--steps", "4")
     assert r.returncode == 0 and "cannot be locked (Function not implemented)" in r.stdout, r.stderr[-2000:]
-    assert len(metrics(str(tmp_path / "run"))) == 2  # the whole run: 8 environment steps of 4 episodes
+    assert len(metrics(str(tmp_path / "run"))) == 1  # the whole run: 4 environment steps of 4 episodes
 
 
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
@@ -220,6 +221,8 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     assert 1 <= ckpt["it"] < 100 and len(metrics(out)) == ckpt["it"]
     r = train(*TINY, "--n-envs", "8", "--steps", "800", "--out", out)  # a new run never overwrites a saved one
     assert r.returncode != 0 and "already holds a run" in r.stderr
+    if stop == signal.SIGTERM:
+        return
     # the command the run printed continues it to its own 100 iterations (it took the paper preset's 500 steps)
     proc = subprocess.Popen([sys.executable, "train.py", "--resume", "--out", out], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
