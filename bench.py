@@ -35,14 +35,16 @@ import execution
 import model
 import sampling
 import tiny
-from simulate import Operators, adamw, random_prompts, simulate, simulate_rollout, step_weight_bytes, update
+from simulate import (Operators, adamw, batch_sizes, random_prompts, simulate, simulate_rollout, step_weight_bytes,
+                      update)
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
 parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
 parser.add_argument("--batch", type=int, default=8, help="transitions per update B")
 parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens P")
 parser.add_argument("--action-len", type=int, default=256, help="action tokens T")
-parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout measurement")
+parser.add_argument("--rollout-batches", type=batch_sizes, default="8,32",
+                    help="batch sizes for the rollout measurement")
 parser.add_argument("--iters", type=int, default=3, help="timed repetitions (after one warm-up)")
 parser.add_argument("--max-batch", action="store_true", help="also search the largest B whose update fits (CUDA)")
 parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a rollout "
@@ -239,7 +241,7 @@ def row(line):
 
 row("| what | figure | against | peak memory |\n|---|---|---|---|")
 torch.manual_seed(0)
-batches = {B: random_prompts(lm, B, args.prompt_len) for B in [int(s) for s in args.rollout_batches.split(",")]}
+batches = {B: random_prompts(lm, B, args.prompt_len) for B in args.rollout_batches}
 tok_s = {}  # (variant, B) -> tokens/s, for the rows that compare with it
 variants = {"static cache": {}, "dynamic cache": {"cache": "dynamic"},  # sampling.py's default, transformers' cache,
             "static cache + CUDA graph": {"cuda_graph": True}}  # and the static one's step replayed (CUDA only)

@@ -328,6 +328,14 @@ def load_config(name):
                          "Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
 
 
+def batch_sizes(text):
+    """--rollout-batches: comma-separated positive integers, or argparse's one-line error."""
+    values = [int(s) for s in text.split(",") if s.strip().isdigit()]
+    if len(values) != len(text.split(",")) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive batch sizes")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser(description="Simulate the memory and the operators of ETPO's update and rollout.")
     parser.add_argument("--model", default="codellama-7b-arch", help="codellama-7b-arch, tiny, or a Hugging Face "
@@ -335,7 +343,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="transitions per update B")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens P")
     parser.add_argument("--action-len", type=int, default=256, help="action tokens T")
-    parser.add_argument("--rollout-batches", default="8,32", help="batch sizes for the rollout's peak")
+    parser.add_argument("--rollout-batches", type=batch_sizes, default="8,32",
+                        help="batch sizes for the rollout's peak")
     parser.add_argument("--gpu-gib", type=float, default=78.0, help="GPU memory for the largest B (80 GB H100: 78)")
     parser.add_argument("--transformers-norm", action="store_true", help="keep transformers' RMSNorm instead of "
                         "torch's fused one (model.torch_rms_norm): the figures before it")
@@ -380,7 +389,7 @@ def main():
     print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
           + " | |")
     rollouts = {n: simulate_rollout(config, n, P, T, fused_norm=fused_norm)
-                for n in [int(s) for s in args.rollout_batches.split(",")]}
+                for n in args.rollout_batches}
     print("| rollout, static cache | " + ", ".join(f"B = {n}: {peak / gib:.3g} GiB" for n, peak in rollouts.items())
           + " | | |")
     for n in rollouts:  # what a mean decode step moves: the weights, the filled slots of the cache, and the rest
