@@ -276,8 +276,16 @@ def main():
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
     # files and folders named on the command line are checked now, not after an hour of evaluation
-    if args.perplexity and not os.path.isfile(args.perplexity):
-        sys.exit(f"error: no text file at {args.perplexity}; pass one to --perplexity, or drop the flag")
+    if args.perplexity:  # read now: a file that is missing, not UTF-8 or empty ends here, not after the evaluation
+        try:
+            with open(args.perplexity, encoding="utf-8") as f:
+                text = f.read()
+            problem = None if text.strip() else "it is empty"
+        except (OSError, UnicodeDecodeError) as e:
+            problem = type(e).__name__
+        if problem:
+            sys.exit(f"error: no text to read at {args.perplexity} ({problem}); pass a UTF-8 text file to --perplexity, "
+                     "or drop the flag")
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
@@ -340,7 +348,6 @@ def main():
     report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
                               ("first_try", first_try)], args.out)
     if args.perplexity:
-        text = open(args.perplexity).read()
         for policy in policies:
             print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
     if args.credit:

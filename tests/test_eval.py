@@ -209,10 +209,13 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nosuch'")
     assert "iris reference" not in r.stdout  # said before iris was evaluated
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
-    for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "no text file at"),
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "(FileNotFoundError)"),
+                          (["--perplexity", str(tmp_path / "a-file")], "(it is empty)"),  # its perplexity read 1.0
+                          (["--perplexity", str(tmp_path / "binary.txt")], "(UnicodeDecodeError)"),  # a traceback
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
                           (["--out", str(tmp_path / "a-file" / "eval")], "cannot create the output folder")):
-        r = run("eval.py", "--model", "tiny", "--datasets", "iris", *flags)
+        r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", *flags)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
