@@ -307,10 +307,12 @@ def main():
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]
-    lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
     adapter_of = {"trained": "policy", "reference": None}
+    if set(policies) - set(adapter_of):
+        sys.exit(f"error: --policies {args.policies} names a policy other than trained and reference")
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
+    lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
     if args.credit and (not args.ckpt or "q" not in lm.names):
         sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     sandbox = execution.Sandbox()

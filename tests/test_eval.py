@@ -213,6 +213,7 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "(FileNotFoundError)"),
                           (["--perplexity", str(tmp_path / "a-file")], "(it is empty)"),  # its perplexity read 1.0
                           (["--perplexity", str(tmp_path / "binary.txt")], "(UnicodeDecodeError)"),  # a traceback
+                          (["--policies", "reference,best"], "names a policy other than trained and reference"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
                           (["--out", str(tmp_path / "a-file" / "eval")], "cannot create the output folder")):
         r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", *flags)
