@@ -268,15 +268,16 @@ def report(results, methods, titles, out):
                              r["first_try"], errors])
 
 
-def main():
-    args = parser.parse_args()
+def check_arguments(args):
+    """Values, files and folders named on the command line are checked now, not after an hour of evaluation: one
+    sentence each. Returns the text of --perplexity (None without it)."""
     for names, least, rule in ((("seeds", "steps", "n_envs", "max_new_tokens"), 1, "must be positive"),
                                (("temperature", "top_k"), 0, "must be 0 or more")):  # one sentence, not a traceback
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
-    # files and folders named on the command line are checked now, not after an hour of evaluation
-    if args.perplexity:  # read now: a file that is missing, not UTF-8 or empty ends here, not after the evaluation
+    text = None
+    if args.perplexity:
         try:
             with open(args.perplexity, encoding="utf-8") as f:
                 text = f.read()
@@ -294,6 +295,12 @@ def main():
             import matplotlib  # noqa: F401 (optional: only the curves need it)
         except ImportError:
             sys.exit("error: --curves needs matplotlib, which the requirements leave out: pip install matplotlib")
+    return text
+
+
+def main():
+    args = parser.parse_args()
+    text = check_arguments(args)
     made_out = not os.path.exists(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)
