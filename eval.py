@@ -276,6 +276,8 @@ def check_arguments(args):
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
+    if args.policies and set(args.policies.split(",")) - {"trained", "reference", ""}:
+        sys.exit(f"error: --policies {args.policies} names a policy other than trained and reference")
     text = None
     if args.perplexity:
         try:
@@ -315,8 +317,6 @@ def main():
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]
     adapter_of = {"trained": "policy", "reference": None}
-    if set(policies) - set(adapter_of):
-        sys.exit(f"error: --policies {args.policies} names a policy other than trained and reference")
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
     lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,9 +183,6 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     r = run("eval.py", "--ckpt", str(bad), "--datasets", "iris", "--out", str(tmp_path / "never"))
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: could not read the checkpoint")
     assert not (tmp_path / "never").exists()  # the output folder it made is gone again
-    r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--n-envs", "0")  # was max() of an empty sequence
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: --n-envs 0 must be positive"
     hook = tmp_path / "hook"  # CUDA's out-of-memory error, raised on the CPU by the sampling loop
     hook.mkdir()
     (hook / "sitecustomize.py").write_text("import torch\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
@@ -209,14 +207,18 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nosuch'")
     assert "iris reference" not in r.stdout  # said before iris was evaluated
     (tmp_path / "a-file").write_text("")  # paths that do not work end with one sentence before any model loads
+    r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--out", str(tmp_path / "a-file" / "eval"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot create the output folder"), r.stderr[-2000:]
+    import eval as evaluation  # the other checks of the command line, in this process: sys.exit's message is the line
+
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "(FileNotFoundError)"),
                           (["--perplexity", str(tmp_path / "a-file")], "(it is empty)"),  # its perplexity read 1.0
                           (["--perplexity", str(tmp_path / "binary.txt")], "(UnicodeDecodeError)"),  # a traceback
                           (["--policies", "reference,best"], "names a policy other than trained and reference"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
-                          (["--out", str(tmp_path / "a-file" / "eval")], "cannot create the output folder")):
-        r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", *flags)
-        assert r.returncode != 0 and "Traceback" not in r.stderr
-        last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and phrase in last, r.stderr[-2000:]
+                          (["--n-envs", "0"], "--n-envs 0 must be positive")):  # was max() of an empty sequence
+        with pytest.raises(SystemExit) as stop:
+            evaluation.check_arguments(evaluation.parser.parse_args(["--model", "tiny", *flags]))
+        assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
