@@ -87,6 +87,9 @@ def load_policy(args):
     name = config.get("model") or args.model
     if name is None:
         sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
+    if name == "codellama-7b-arch":
+        sys.exit("error: codellama-7b-arch has random weights and no tokenizer (it is for bench.py and simulate.py): "
+                 "evaluate codellama/CodeLlama-7b-hf")
     try:
         # without a checkpoint only the reference runs: no adapters
         lm = model.from_checkpoint(adapters, args.device) if args.ckpt else model.load(name, args.device, adapters=())

@@ -224,6 +224,9 @@ except BlockingIOError:
 except OSError as e:  # a file system without locks (Lustre mounted without -o flock, some NFS): the run goes on
     print(f"warning: {out} cannot be locked ({e.strerror}); start no second run into it while this one runs")
 try:
+    if args.model == "codellama-7b-arch":  # bench.py's preset: it would fail at the first prompt, after a 7B build
+        fail("codellama-7b-arch has random weights and no tokenizer (it is for bench.py and simulate.py): train "
+             "codellama/CodeLlama-7b-hf")
     if args.cuda_graph and model.resolve_device(args.device).type != "cuda":  # said before a 7B model loads
         fail("--cuda-graph needs a CUDA GPU and this run is not on one: drop the flag")
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,

@@ -222,3 +222,5 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
         with pytest.raises(SystemExit) as stop:
             evaluation.check_arguments(evaluation.parser.parse_args(["--model", "tiny", *flags]))
         assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
+    with pytest.raises(SystemExit, match="codellama-7b-arch has random weights and no tokenizer"):  # bench.py's
+        evaluation.load_policy(evaluation.parser.parse_args(["--model", "codellama-7b-arch"]))

@@ -354,6 +354,7 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
 @pytest.mark.parametrize("args,phrase", [
     (["--dataset", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
     (["--dataset", "iris", "--model", "SEVEN_B", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--dataset", "iris", "--model", "codellama-7b-arch"], "random weights and no tokenizer"),
     (["--dataset", "iris", "--model", "no-such-org/no-such-model", "--device", "cpu"], "could not load the model"),
     (["--dataset", "cmc", "--model", "tiny", "--openml-cache", "EMPTY"], "could not get OpenML dataset 23"),
     (["--dataset", "iris", "--model", "tiny", "--resume", "--out", "BAD"], "could not read the checkpoint"),
