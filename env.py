@@ -179,6 +179,9 @@ def prepare(name, df, target, source):
                          f"than {MIN_CLASS_ROWS} rows (e.g. {rare[0]!r}): each of the reward's 50/50 splits needs "
                          "every class on both sides; drop or merge those rows"
                          + (" (is it a regression target?)" if len(rare) > len(labels) / 2 else ""))
+    if len(df.columns) < 2:
+        raise ValueError(f"{name} has no column besides the target '{target}', and a classifier needs at least one "
+                         "feature: pass a file with feature columns")
     columns, lines = [], []
     for i, col in enumerate(c for c in df.columns if c != target):
         s = df[col]

@@ -129,6 +129,9 @@ def test_csv_path_with_target_column(tmp_path):
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
     d = env.load_dataset(f"{path}:label")  # rows without a label are dropped, not made a class of their own
     assert len(d.y) + len(d.y_test) == 50 and "2 classes: 0 = 0, 1 = 1." in d.description
+    (tmp_path / "target-only.csv").write_text("label\n" + "\n".join("01"[i % 2] for i in range(40)))
+    with pytest.raises(ValueError, match="has no column besides the target 'label'"):  # was "need at least one array"
+        env.load_dataset(str(tmp_path / "target-only.csv"))
     for name, content in (("empty.csv", b""), ("binary.csv", bytes(range(256)) * 10)):  # one sentence, not pandas'
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a comma-separated"):
