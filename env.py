@@ -78,11 +78,14 @@ def folder_name(name):
 
 
 def read_csv(path):
-    """A CSV file as a DataFrame; a file pandas cannot parse (empty, binary, ragged rows) gets one sentence."""
+    """A CSV file as a DataFrame, separated by commas, or by semicolons or tabs (as some spreadsheets write them); a
+    file pandas cannot parse (empty, binary, ragged rows) gets one sentence."""
     import pandas as pd
 
     try:
-        return pd.read_csv(path)
+        df = pd.read_csv(path)
+        separator = next((sep for sep in (";", "\t") if len(df.columns) == 1 and sep in df.columns[0]), None)
+        return pd.read_csv(path, sep=separator) if separator else df
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"could not read {path} as a CSV file ({str(e).strip().splitlines()[0][:120]}): pass a "
                          "comma-separated text file whose first line names the columns") from None

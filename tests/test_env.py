@@ -129,6 +129,10 @@ def test_csv_path_with_target_column(tmp_path):
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
     d = env.load_dataset(f"{path}:label")  # rows without a label are dropped, not made a class of their own
     assert len(d.y) + len(d.y_test) == 50 and "2 classes: 0 = 0, 1 = 1." in d.description
+    for sep in (";", "\t"):  # a spreadsheet's export: the same table, another separator
+        (tmp_path / "other.csv").write_text("\n".join(line.replace(",", sep) for line in lines))
+        other = env.load_dataset(f"{tmp_path / 'other.csv'}:label")
+        assert other.X.shape == (160, 4) and "color (categorical" in other.description
     (tmp_path / "target-only.csv").write_text("label\n" + "\n".join("01"[i % 2] for i in range(40)))
     with pytest.raises(ValueError, match="has no column besides the target 'label'"):  # was "need at least one array"
         env.load_dataset(str(tmp_path / "target-only.csv"))
