@@ -87,8 +87,9 @@ def read_csv(path):
         separator = next((sep for sep in (";", "\t") if len(df.columns) == 1 and sep in df.columns[0]), None)
         return pd.read_csv(path, sep=separator) if separator else df
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read {path} as a CSV file ({str(e).strip().splitlines()[0][:120]}): pass a "
-                         "comma-separated text file whose first line names the columns") from None
+        reason = str(e).strip().splitlines()[0][:120]
+        raise ValueError(f"could not read {path} as a CSV file ({reason}): pass a text file of columns separated by "
+                         "commas, semicolons or tabs, whose first line names them") from None
 
 
 def load_dataset(name, data_dir=None, openml_cache=None):
@@ -134,7 +135,7 @@ def _openml_frame(name, openml_cache):
         openml.config.set_root_cache_directory(os.path.expanduser(openml_cache))
     did = OPENML_IDS[name]
     retries = openml.config.connection_n_retries
-    if not _reachable(openml.config.server):  # offline: the cache, or one try, not 5 with back-off (about 10 s)
+    if not reachable(openml.config.server):  # offline: the cache, or one try, not 5 with back-off (about 10 s)
         openml.config.connection_n_retries = 1
     try:
         ds = openml.datasets.get_dataset(did, download_data=True, download_qualities=False,
@@ -148,9 +149,14 @@ def _openml_frame(name, openml_cache):
     return X.assign(**{ds.default_target_attribute: y}), ds.default_target_attribute
 
 
-def _reachable(url, timeout=3.0):
-    """Whether url's host takes a TCP connection within `timeout` seconds; True behind a proxy, which alone knows."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def reachable(url, timeout=3.0):
+    """Whether url's host takes a TCP connection within `timeout` seconds; True behind a proxy, which alone knows.
+    Offline, the OpenML client (here) and huggingface_hub (model.hub_options) retry with back-off for 10-25 s; this
+    one test lets them go to their caches, or fail, at once."""
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
         return True
     url = urllib.parse.urlparse(url)
     try:

@@ -27,14 +27,13 @@ import contextlib
 import copy
 import math
 import os
-import socket
 import sys
-import urllib.parse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import env
 import tiny
 
 ADAPTERS = ("policy", "q", "q_target")  # ETPO's; PPO-KL (ppo_kl.py) uses ("policy", "value")
@@ -325,23 +324,14 @@ def rows_per_sequence(config, P, T):
 # 3. Presets
 
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
 def hub_options(name, timeout=3.0):
     """from_pretrained's options for `name`: {"local_files_only": True} when it is a Hub id and the Hub cannot be
     reached, else {}. Offline, huggingface_hub retries each file's request 5 times with backoff (about 25 s a file)
-    before transformers looks in its cache; one quick connection test lets an offline machine load a cached model,
-    or fail, at once. Behind a proxy (PROXY_VARIABLES) the test is skipped: only the proxy knows whether the Hub is
-    there."""
-    if os.path.isdir(name) or any(os.environ.get(v) for v in PROXY_VARIABLES):
+    before transformers looks in its cache; one quick connection test (env.reachable; skipped behind a proxy, which
+    alone knows whether the Hub is there) lets an offline machine load a cached model, or fail, at once."""
+    if os.path.isdir(name) or env.reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout):
         return {}
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
-        return {}
-    except OSError:  # no route, no DNS, refused or timed out
-        return {"local_files_only": True}
+    return {"local_files_only": True}
 
 
 def resolve_device(device=None):
@@ -400,7 +390,8 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run folder "
                       "of train.py holds none), or a Hub id" if os.path.exists(name) else
                       "if this machine is offline, pass a local path with --model or use --model tiny")
-            raise RuntimeError(f"could not load the model '{name}' ({str(e).splitlines()[0][:120]}); {advice}") from None
+            reason = str(e).splitlines()[0][:120]
+            raise RuntimeError(f"could not load the model '{name}' ({reason}); {advice}") from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
         hf.eval()  # no dropout: the log-probabilities of the rollout and of the update must agree

@@ -282,8 +282,9 @@ def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the 
     global stop_requested
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     if stop_requested:
+        resume = resume_command()
         fail(f"stopped by a second {name}, without saving this iteration"
-             + (f"; continue from the last checkpoint with {resume_command()}" if resume_command() else ""))
+             + (f"; continue from the last checkpoint with {resume}" if resume else ""))
     stop_requested = True
     print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
 
@@ -474,7 +475,8 @@ for it in range(start_it, iterations):
             try:
                 rewards, dones, next_prompts, infos = coding_env.step(texts)
             except execution.SandboxError as e:
-                fail(f"{e}; then continue with {resume_command()}" if resume_command() else str(e))
+                resume = resume_command()
+                fail(f"{e}; then continue with {resume}" if resume else str(e))
         t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
     # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k

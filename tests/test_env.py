@@ -138,7 +138,7 @@ def test_csv_path_with_target_column(tmp_path):
         env.load_dataset(str(tmp_path / "target-only.csv"))
     for name, content in (("empty.csv", b""), ("binary.csv", bytes(range(256)) * 10)):  # one sentence, not pandas'
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a comma-separated"):
+        with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a text file of columns"):
             env.load_dataset(str(tmp_path / name))
 
 

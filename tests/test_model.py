@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import env
 import model
 import sampling
 
@@ -398,7 +399,7 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
 
 
 def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, monkeypatch, codellama_dir):
-    for proxy in model.PROXY_VARIABLES:
+    for proxy in env.PROXY_VARIABLES:
         monkeypatch.delenv(proxy, raising=False)
     listening = socket.create_server(("127.0.0.1", 0))  # a Hub that answers: downloads stay on
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
@@ -414,14 +415,14 @@ def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, m
     shutil.copytree(codellama_dir, tmp_path / "hub" / "models--some-org--cached" / "snapshots" / commit)
     (tmp_path / "hub" / "models--some-org--cached" / "refs").mkdir()
     (tmp_path / "hub" / "models--some-org--cached" / "refs" / "main").write_text(commit)
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
+    environ = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
     load = "import model; lm = model.load('some-org/{}', device='cpu'); print(lm.hf.config.hidden_size)"
-    r = subprocess.run([sys.executable, "-c", load.format("cached")], cwd=os.path.dirname(model.__file__), env=env,
+    r = subprocess.run([sys.executable, "-c", load.format("cached")], cwd=os.path.dirname(model.__file__), env=environ,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["32"], r.stderr[-2000:]
     assert "Retrying" not in r.stderr  # loaded from the cache at once, not after the Hub's retries
     r = subprocess.run([sys.executable, "-c", load.format("not-cached")], cwd=os.path.dirname(model.__file__),
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=environ, capture_output=True, text=True, timeout=120)
     assert "could not load the model 'some-org/not-cached'" in r.stderr and "pass a local path" in r.stderr
     assert "Retrying" not in r.stderr  # huggingface_hub's 5 retries with backoff (about 25 s) were skipped
 
