@@ -279,6 +279,8 @@ def check_arguments(args):
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
+    if args.credit and not args.ckpt:  # (and the checkpoint's Q adapter, once it is loaded)
+        sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     if args.policies and set(args.policies.split(",")) - {"trained", "reference", ""}:
         sys.exit(f"error: --policies {args.policies} names a policy other than trained and reference")
     text = None
@@ -323,7 +325,7 @@ def main():
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
     lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
-    if args.credit and (not args.ckpt or "q" not in lm.names):
+    if args.credit and "q" not in lm.names:  # a PPO-KL checkpoint
         sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     sandbox = execution.Sandbox()
     results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
