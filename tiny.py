@@ -11,6 +11,8 @@ Departures from the paper: the whole file is one. The paper starts from CodeLlam
 download; the tiny preset also has its own training defaults (README, "Departures from the paper", 4).
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -91,15 +93,46 @@ VERSION = 3  # bump when the recipe below changes, so cached builds are rebuilt
 
 def build(cache_dir=None, steps=600, seed=0):
     """Load the tiny model from its cache folder, or build it (tokenizer, Llama, supervised warm start) once."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     corpus = training_corpus()
     key = hashlib.sha256(json.dumps([corpus, steps, seed, VERSION]).encode()).hexdigest()[:12]
     cache_dir = cache_dir or os.environ.get("ETPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "etpo"))
     path = os.path.join(cache_dir, f"tiny-{key}")
-    if os.path.exists(os.path.join(path, "done")):
-        return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+    if not os.path.exists(os.path.join(path, "done")):
+        with one_builder(cache_dir):  # runs started together (seeds in parallel): one builds, the others wait
+            if not os.path.exists(os.path.join(path, "done")):  # (unless another built it while this one waited)
+                warm_start(corpus, steps, seed, cache_dir, path)
+    return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def cache_error(cache_dir, e):
+    return OSError(f"could not write the tiny model into {cache_dir} ({e.strerror or e}): set ETPO_CACHE to a folder "
+                   "you can write to")
+
+
+@contextlib.contextmanager
+def one_builder(cache_dir):
+    """Held by one process at a time: a lock on the cache folder itself (flock, released when the process ends,
+    however it ends). A file system without locks (ENOSYS, ENOLCK) builds unlocked; warm_start's rename still
+    keeps a half-written model out of sight."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        folder = os.open(cache_dir, os.O_RDONLY)
+    except OSError as e:
+        raise cache_error(cache_dir, e) from None
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(folder, fcntl.LOCK_EX)  # waits while another process builds
+        yield
+    finally:
+        os.close(folder)  # and with it the lock
+
+
+def warm_start(corpus, steps, seed, cache_dir, path):
+    """Train the tokenizer and the model, and save both into `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     t0 = time.time()
     rng = random.Random(seed)
@@ -141,8 +174,8 @@ def build(cache_dir=None, steps=600, seed=0):
         loss.backward()
         opt.step()
     hf.eval()
-    # written whole into a folder of this process, then renamed: runs started together on a fresh machine (seeds in
-    # parallel) each build the model, and none may load a folder that another is still writing
+    # written whole into a folder of this process, then renamed: where the folder cannot be locked (one_builder),
+    # runs started together each build the model, and none may load a folder that another is still writing
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)
@@ -160,7 +193,5 @@ def build(cache_dir=None, steps=600, seed=0):
                 raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the tiny model into {cache_dir} ({e.strerror or e}): set ETPO_CACHE to a "
-                      "folder you can write to") from None
+        raise cache_error(cache_dir, e) from None
     print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
-    return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)  # as later

@@ -507,3 +507,15 @@ def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match="could not write the tiny model into .*a-file.*: set ETPO_CACHE to a folder"):
         tiny.build(cache_dir=str(tmp_path / "a-file" / "cache"), steps=2)
+
+
+def test_runs_started_together_build_the_tiny_model_once(tmp_path):
+    # seeds started in parallel on a fresh machine (or the test workers): one process builds the model, the others
+    # wait for it and load its folder, instead of each spending the build's minute on the same cores
+    code = f"import tiny; tiny.build({str(tmp_path / 'cache')!r}, steps=60)"
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(env.__file__), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sum("built the tiny model" in out for out, _ in outputs) == 1, outputs
+    assert len(os.listdir(tmp_path / "cache")) == 1  # the model's folder, and no lock file
