@@ -80,6 +80,12 @@ def user_input():
         sys.exit(f"error: {e}")
 
 
+def failure(e):
+    """An exception in one line for a table row: its type, and its message's first line if it has one."""
+    message = str(e).partition("\n")[0][:100]
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
 def sync():
     if cuda:
         torch.cuda.synchronize()
@@ -262,7 +268,7 @@ def rollout_rows(variant):
         try:
             seconds = timed(rollout, args.iters)
         except Exception as e:  # a variant that fails (the untried CUDA graph, say) costs its own rows only
-            row(f"| rollout B={B}, {variant} | failed: {type(e).__name__}: {str(e).splitlines()[0][:100]} | | |")
+            row(f"| rollout B={B}, {variant} | failed: {failure(e)} | | |")
             continue
         tokens = float(torch.stack(lengths).float().mean(0).sum())  # tokens per rollout (tiny stops at EOS)
         tok_s[variant, B] = tokens / seconds
@@ -418,8 +424,8 @@ if cuda:  # 9. the same update and rollouts on fake tensors (python simulate.py)
         simulated = f"{simulate(lm.hf.config, B, P, T, fused_norm=fused_norm)[1] / 2**30:.2f} GiB"
         rollouts = ", ".join(f"B={n}: {simulate_rollout(lm.hf.config, n, P, T, fused_norm=fused_norm) / 2**30:.2f} GiB"
                              for n in batches)
-    except RuntimeError as e:
-        simulated = rollouts = f"failed: {e}"
+    except Exception as e:  # a failure here costs these two rows, not the CUDA graph's and the profile's after them
+        simulated = rollouts = f"failed: {failure(e)}"
     row(f"| update B={B} peak memory, simulated on fake tensors | {simulated} | measured {peak} | |")
     row(f"| rollout peak memory, simulated on fake tensors | {rollouts} | measured above | |")
 

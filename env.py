@@ -87,7 +87,7 @@ def read_csv(path):
         separator = next((sep for sep in (";", "\t") if len(df.columns) == 1 and sep in df.columns[0]), None)
         return pd.read_csv(path, sep=separator) if separator else df
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        reason = str(e).strip().splitlines()[0][:120]
+        reason = str(e).strip().partition("\n")[0][:120]
         raise ValueError(f"could not read {path} as a CSV file ({reason}): pass a text file of columns separated by "
                          "commas, semicolons or tabs, whose first line names them") from None
 

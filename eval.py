@@ -292,8 +292,8 @@ def check_arguments(args):
         except (OSError, UnicodeDecodeError) as e:
             problem = type(e).__name__
         if problem:
-            sys.exit(f"error: no text to read at {args.perplexity} ({problem}); pass a UTF-8 text file to --perplexity, "
-                     "or drop the flag")
+            sys.exit(f"error: no text to read at {args.perplexity} ({problem}); pass a UTF-8 text file to "
+                     "--perplexity, or drop the flag")
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")

@@ -390,7 +390,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run folder "
                       "of train.py holds none), or a Hub id" if os.path.exists(name) else
                       "if this machine is offline, pass a local path with --model or use --model tiny")
-            reason = str(e).splitlines()[0][:120]
+            reason = str(e).partition("\n")[0][:120]
             raise RuntimeError(f"could not load the model '{name}' ({reason}); {advice}") from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token

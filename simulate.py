@@ -324,8 +324,9 @@ def load_config(name):
         # the config alone: a few kB, no weights are downloaded; offline, the local cache only (model.hub_options)
         return AutoConfig.from_pretrained(name, **model.hub_options(name))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: could not read the config of '{name}' ({str(e).splitlines()[0][:120]}); pass a "
-                         "Hugging Face id or a local folder, or use --model codellama-7b-arch") from None
+        reason = str(e).partition("\n")[0][:120]
+        raise SystemExit(f"error: could not read the config of '{name}' ({reason}); pass a Hugging Face id or a "
+                         "local folder, or use --model codellama-7b-arch") from None
 
 
 def batch_sizes(text):

@@ -135,7 +135,8 @@ def resume_command():
 
 def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
     resume = resume_command()
-    fail(f"could not write {path} ({str(e).splitlines()[0][:100]}): free some space, then "
+    reason = str(e).partition("\n")[0][:100]
+    fail(f"could not write {path} ({reason}): free some space, then "
          + (f"continue from the last checkpoint with {resume}" if resume else "start again"))
 
 
@@ -313,7 +314,8 @@ def gpu_advice(stage):
     except Exception as e:
         if not (args.cuda_graph and stage == "the rollout"):
             raise
-        fail(f"the rollout's CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); continue "
+        message = str(e).partition("\n")[0][:160]  # (a bare assert has none)
+        fail(f"the rollout's CUDA graph failed ({type(e).__name__}{': ' + message if message else ''}); continue "
              f"without --cuda-graph{f' ({resume})' if resume else ''}")
 
 

@@ -120,9 +120,9 @@ def train_patched(tmp_path, sitecustomize, *args, **environ):
 
 def test_a_file_system_without_locks_runs_with_a_warning(tmp_path):
     # Lustre mounted without -o flock answers flock() with ENOSYS: that was a traceback before the model loaded
-    r = train_patched(tmp_path, "import errno, fcntl\n\n\ndef flock(fd, operation):\n"
-                                "    raise OSError(errno.ENOSYS, 'Function not implemented')\n\n\nfcntl.flock = flock\n",
-                      "--steps", "4")
+    hook = ("import errno, fcntl\n\n\ndef flock(fd, operation):\n"
+            "    raise OSError(errno.ENOSYS, 'Function not implemented')\n\n\nfcntl.flock = flock\n")
+    r = train_patched(tmp_path, hook, "--steps", "4")
     assert r.returncode == 0 and "cannot be locked (Function not implemented)" in r.stdout, r.stderr[-2000:]
     assert len(metrics(str(tmp_path / "run"))) == 1  # the whole run: 4 environment steps of 4 episodes
 
@@ -141,6 +141,18 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4: " + advice), last
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
+    # --cuda-graph: a rollout that fails ends with the advice to drop the flag, even when the error has no message
+    # (a bare assert inside a graph's capture); the tiny model loads on the CPU, where train.py's check sees a GPU
+    hook = ("import model\nimport sampling\n\n\nclass Cuda:\n    type = 'cuda'\n\n\n"
+            "cpu, load = model.resolve_device, model.load\nmodel.resolve_device = lambda device=None: Cuda()\n\n\n"
+            "def load_on_cpu(*args, **kwargs):\n    model.resolve_device = cpu\n"
+            "    return load(*args, **{**kwargs, 'device': 'cpu'})\n\n\n"
+            "def capture_fails(*args, **kwargs):\n    raise AssertionError\n\n\n"
+            "model.load, sampling.sample_ids = load_on_cpu, capture_fails\n")
+    r = train_patched(tmp_path, hook, "--cuda-graph")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: the rollout's CUDA graph failed (AssertionError); continue "
+                                                 "without --cuda-graph")
 
 
 def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path, full_temporary_folder):
