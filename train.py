@@ -118,14 +118,20 @@ ckpt_path = os.path.join(out, "ckpt.pt")
 made_out = not os.path.exists(out)  # fail() removes the folder this run makes if nothing was written into it
 
 
-def fail(message):
+def fail(message, at_once=False):
     if made_out and os.path.isdir(out) and os.listdir(out) == [".lock"]:
         shutil.rmtree(out, ignore_errors=True)
+    if at_once:  # from a signal handler: an exception raised there can land in a __del__ or a library's bare except,
+        # which swallows it and the run goes on, so the process ends here (the run's files are written whole)
+        with contextlib.suppress(Exception):  # (the signal may have cut a print short)
+            sys.stdout.flush()
+        os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
+        os._exit(1)
     sys.exit(f"error: {message}")
 
 
 # until the loop, where on_stop (below) takes over, Ctrl-C (while the model loads, say) quits at once, no traceback
-signal.signal(signal.SIGINT, lambda signum, frame: fail("stopped by Ctrl-C before the first iteration"))
+signal.signal(signal.SIGINT, lambda signum, frame: fail("stopped by Ctrl-C before the first iteration", at_once=True))
 
 
 def resume_command():
