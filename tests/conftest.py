@@ -4,6 +4,7 @@ tokenizer class (SentencePiece-style BPE with byte fallback, <PRE> <SUF> <MID> <
 single characters, and a one-block Llama of that vocabulary.
 """
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -16,12 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
-    """RUN/ckpt.pt of 16 environment steps of ETPO with the tiny model on iris."""
-    out = tmp_path_factory.mktemp("run") / "etpo"
-    r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8", "--steps",
-                        "16", "--max-new-tokens", "64", "--sample-every", "0", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """RUN/ckpt.pt of 16 environment steps of ETPO with the tiny model on iris (the tests only read it). Trained
+    once per test session: the test processes of `pytest -n 2` share the parent of their temporary folders, and the
+    first to need the run trains it while the other waits on a lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # (without -n, the parent holds the folders of earlier sessions)
+        root = root.parent
+    out = root / "ckpt-run" / "etpo"
+    with open(root / "ckpt-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "ckpt.pt").exists():
+            r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "iris", "--n-envs", "8",
+                                "--steps", "16", "--max-new-tokens", "64", "--sample-every", "0", "--out", str(out)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stderr[-2000:]
     return str(out / "ckpt.pt")
 
 
