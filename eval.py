@@ -64,6 +64,7 @@ parser.add_argument("--plot", default=None, help="PNG path for --curves (default
 LAST_STEPS = 160  # a training run's first-attempt reward: the mean over its iterations within its last this many
 # environment steps, a window of the same length for every algorithm (with the tiny preset: ETPO's last 5 iterations
 # of 32 steps, PPO-KL's last one of 5 x 32)
+OUT_OF_MEMORY = "the GPU ran out of memory; run again with a smaller --n-envs or --max-new-tokens"
 BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM reference
     "logistic_regression": "from sklearn.linear_model import LogisticRegression\n    model = LogisticRegression()",
     "random_forest": "from sklearn.ensemble import RandomForestClassifier\n    model = RandomForestClassifier()",
@@ -337,19 +338,28 @@ def main():
     methods = policies + trained_methods + list(BASELINES)
     default = ",".join(dict.fromkeys(r["dataset_flag"] for r in results)) or config.get("dataset", "cmc")
     datasets = [load_dataset(name, args) for name in (args.datasets or default).split(",")]  # all, before any runs
-    for dataset in datasets:
-        for policy in policies:
-            for seed in range(args.seeds):
-                r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
-                results.append({"dataset": dataset.name, "method": policy, "seed": seed, **r})
-                print(f"{dataset.name} {policy} seed {seed}: best {r['best']:.4f} held-out {r['heldout']:.4f} "
-                      f"success {r['success']:.2f}", flush=True)
-        for method, body in BASELINES.items():  # deterministic: one run stands for every seed
-            source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
-            (reward, _), heldout = sandbox.run([source], dataset)[0], heldout_auc(sandbox, source, dataset)
-            results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward, "heldout": heldout,
-                            "success": 1.0, "first_try": reward, "errors_by_step": [], "code": source})
+    stopped = None  # a Ctrl-C, or the GPU out of memory, mid-way: the tables still get the runs finished before it
+    try:
+        for dataset in datasets:
+            for policy in policies:
+                for seed in range(args.seeds):
+                    r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
+                    results.append({"dataset": dataset.name, "method": policy, "seed": seed, **r})
+                    print(f"{dataset.name} {policy} seed {seed}: best {r['best']:.4f} held-out {r['heldout']:.4f} "
+                          f"success {r['success']:.2f}", flush=True)
+            for method, body in BASELINES.items():  # deterministic: one run stands for every seed
+                source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
+                (reward, _), heldout = sandbox.run([source], dataset)[0], heldout_auc(sandbox, source, dataset)
+                results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward,
+                                "heldout": heldout, "success": 1.0, "first_try": reward, "errors_by_step": [],
+                                "code": source})
+    except KeyboardInterrupt:
+        stopped = "stopped by Ctrl-C"
+    except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
+        stopped = OUT_OF_MEMORY
     sandbox.close()
+    if stopped and not results:
+        sys.exit(f"error: {stopped}")
 
     # the tables, shaped like the paper's table 2: datasets x methods, mean +- std over seeds
     budget = [f"{', '.join(policies)} within {args.steps} environment steps"] if policies else []
@@ -361,6 +371,8 @@ def main():
     heldout = "held-out ROC AUC of that best program (rows the reward never saw)"
     report(results, methods, [("best", best), ("heldout", heldout), ("success", "share of actions that ran"),
                               ("first_try", first_try)], args.out)
+    if stopped:  # (a missing cell reads "-")
+        sys.exit(f"error: {stopped}; {args.out}/table.md and results.csv hold the runs finished before it")
     if args.perplexity:
         for policy in policies:
             print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
@@ -374,8 +386,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
-        sys.exit("error: the GPU ran out of memory; run again with a smaller --n-envs or --max-new-tokens (the results "
-                 "printed so far are lost from the tables)")
+    except KeyboardInterrupt:  # while the model loads, say (an evaluation's runs write the tables of those finished)
+        sys.exit("error: stopped by Ctrl-C")
+    except torch.cuda.OutOfMemoryError:  # --perplexity or --credit
+        sys.exit(f"error: {OUT_OF_MEMORY}")
     except execution.SandboxError as e:  # a full temporary folder, say
         sys.exit(f"error: {e}")

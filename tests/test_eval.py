@@ -224,3 +224,27 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
         assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
     with pytest.raises(SystemExit, match="codellama-7b-arch has random weights and no tokenizer"):  # bench.py's
         evaluation.load_policy(evaluation.parser.parse_args(["--model", "codellama-7b-arch"]))
+
+
+def test_a_ctrl_c_mid_way_keeps_the_runs_finished_in_the_tables(tmp_path):
+    # a Ctrl-C as the second seed starts (its environment is made): the first seed's run is in the tables, the rest
+    # of the cells read "-"; an hour of evaluation was lost to a traceback before
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import env\n\nmade = []\nCodingEnv = env.CodingEnv\n\n\n"
+                                           "def coding_env(*args, **kwargs):\n    made.append(1)\n"
+                                           "    if len(made) == 2:\n        raise KeyboardInterrupt\n"
+                                           "    return CodingEnv(*args, **kwargs)\n\n\nenv.CodingEnv = coding_env\n")
+    out = tmp_path / "e"
+    r = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "2", "--steps",
+                        "4", "--n-envs", "4", "--max-new-tokens", "32", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"error: stopped by Ctrl-C; {out}/table.md and results.csv hold the "
+                                                 "runs finished before it")
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["dataset"], row["method"], row["seed"]) for row in rows] == [("iris", "reference", "0")]
+    best = (out / "table.md").read_text().split("\n\n")[0].splitlines()
+    assert best[3].startswith(f"| iris | {float(rows[0]['best_auc']):.4f} ± 0.0000 | - |")
