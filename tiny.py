@@ -123,7 +123,11 @@ def one_builder(cache_dir):
         raise cache_error(cache_dir, e) from None
     try:
         with contextlib.suppress(OSError):
-            fcntl.flock(folder, fcntl.LOCK_EX)  # waits while another process builds
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process is building: wait for it (40-60 s)
+                print(f"waiting for another process that is building the tiny model in {cache_dir}", flush=True)
+                fcntl.flock(folder, fcntl.LOCK_EX)
         yield
     finally:
         os.close(folder)  # and with it the lock

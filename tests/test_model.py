@@ -12,6 +12,7 @@ Run: python -m pytest tests/test_model.py -q   (the first run builds the tiny mo
 
 import os
 import pty
+import select
 import shutil
 import socket
 import subprocess
@@ -510,12 +511,29 @@ def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_runs_started_together_build_the_tiny_model_once(tmp_path):
-    # seeds started in parallel on a fresh machine (or the test workers): one process builds the model, the others
-    # wait for it and load its folder, instead of each spending the build's minute on the same cores
-    code = f"import tiny; tiny.build({str(tmp_path / 'cache')!r}, steps=60)"
+    # seeds started in parallel on a fresh machine (or the test processes): one process builds the model, the others
+    # wait for it and load its folder, instead of each spending the build's minute on the same cores. The test holds
+    # the cache folder's lock first, so that both runs find a build under way, then lets them go
+    import fcntl
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    held = os.open(cache, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    code = f"import tiny; tiny.build({str(cache)!r}, steps=30)"
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(env.__file__), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for run in runs:  # (a run that waits without a word would hang the test: 120 s at most)
+            assert select.select([run.stdout], [], [], 120)[0], "no word from a run that waits for the build"
+            assert run.stdout.readline() == f"waiting for another process that is building the tiny model in {cache}\n"
+    except AssertionError:
+        for run in runs:
+            run.kill()
+        raise
+    finally:
+        os.close(held)
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("built the tiny model" in out for out, _ in outputs) == 1, outputs
-    assert len(os.listdir(tmp_path / "cache")) == 1  # the model's folder, and no lock file
+    assert len(os.listdir(cache)) == 1  # the model's folder, and no lock file
