@@ -386,6 +386,10 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             tok = AutoTokenizer.from_pretrained(name, **hub)
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             hf = AutoModelForCausalLM.from_pretrained(name, **hub, **dtype_argument(dtype)).to(device)
+        except torch.cuda.OutOfMemoryError:  # (CUDA's own message is a paragraph about the allocator)
+            raise RuntimeError(f"{name} does not fit in this GPU's memory (about {billions:.1f}B parameters, "
+                               f"{2 * approx_parameters(config) / 2**30:.1f} GiB in bf16 before any activation): use a "
+                               "GPU with more memory, or a smaller --model") from None
         except (OSError, ValueError) as e:
             advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run folder "
                       "of train.py holds none), or a Hub id" if os.path.exists(name) else

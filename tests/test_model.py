@@ -399,6 +399,21 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
         model.load(str(tmp_path / "run"), device="cpu")
 
 
+def test_a_model_larger_than_the_gpu_is_one_sentence(monkeypatch, codellama_dir):
+    import transformers
+
+    def out_of_memory(*args, **kwargs):  # what loading CodeLlama-7B onto a 12 GB card raises
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 172.00 MiB. GPU 0 has a total "
+                                          "capacity of 11.72 GiB of which 98.56 MiB is free. Of the allocated memory")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    with pytest.raises(RuntimeError) as error:
+        model.load(codellama_dir, device="cpu")
+    assert str(error.value).startswith(f"{codellama_dir} does not fit in this GPU's memory (about 0.0B parameters, ")
+    assert str(error.value).endswith("GiB in bf16 before any activation): use a GPU with more memory, or a smaller "
+                                     "--model")
+
+
 def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, monkeypatch, codellama_dir):
     for proxy in env.PROXY_VARIABLES:
         monkeypatch.delenv(proxy, raising=False)
