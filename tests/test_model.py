@@ -501,7 +501,8 @@ def test_tiny_preset_samples_runnable_and_varied_code(lm):
 
 
 def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
-    # runs started together on a fresh machine each build the model: none may find the final folder half written
+    # where the cache folder cannot be locked (tiny.one_builder), runs started together each build the model: none
+    # may find the final folder half written
     import transformers
 
     import tiny

@@ -141,6 +141,9 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4: " + advice), last
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
+
+
+def test_a_cuda_graph_that_fails_ends_with_advice(tmp_path):
     # --cuda-graph: a rollout that fails ends with the advice to drop the flag, even when the error has no message
     # (a bare assert inside a graph's capture); the tiny model loads on the CPU, where train.py's check sees a GPU
     hook = ("import model\nimport sampling\n\n\nclass Cuda:\n    type = 'cuda'\n\n\n"
