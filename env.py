@@ -13,7 +13,8 @@ scratch directory; its docstring says what that protects against and what not.
 
 Departures from the paper: 1. 20% of each dataset's rows are held out (fixed seed) and never used for the
 reward, so evaluation can report generalization; the 5 reward splits use the other 80%. 2. Missing values are
-imputed before the model sees the data (numeric: median, categorical: an extra code), so every classifier runs.
+imputed before the model sees the data (numeric: median, categorical: an extra code; the prompt says how many and
+with what), so every classifier runs; a column empty in every row is left out (the prompt names it).
 """
 
 import dataclasses
@@ -188,27 +189,34 @@ def prepare(name, df, target, source):
                          f"than {MIN_CLASS_ROWS} rows (e.g. {rare[0]!r}): each of the reward's 50/50 splits needs "
                          "every class on both sides; drop or merge those rows"
                          + (" (is it a regression target?)" if len(rare) > len(labels) / 2 else ""))
-    if len(df.columns) < 2:
-        raise ValueError(f"{name} has no column besides the target '{target}', and a classifier needs at least one "
-                         "feature: pass a file with feature columns")
-    columns, lines = [], []
-    for i, col in enumerate(c for c in df.columns if c != target):
-        s = df[col]
-        if s.dtype.kind in "biuf":
+    columns, lines, empty = [], [], []
+    for col in (c for c in df.columns if c != target):
+        s, missing, i = df[col], int(df[col].isna().sum()), len(columns)
+        if missing == len(df):  # no value in any row: nothing to learn from (and no median to fill in)
+            empty.append(str(col))
+        elif s.dtype.kind in "biuf":
             x = s.astype(float)
-            lines.append(f"#   {i}: {col} (numeric, {x.min():.4g} .. {x.max():.4g})")
-            columns.append(x.fillna(x.median() if x.notna().any() else 0.0).to_numpy())
+            filled = f", {missing} missing set to the median {x.median():.4g}" if missing else ""
+            lines.append(f"#   {i}: {col} (numeric, {x.min():.4g} .. {x.max():.4g}{filled})")
+            columns.append(x.fillna(x.median()).to_numpy())
         else:
-            codes = s.astype("category").cat.codes.to_numpy().astype(float)  # missing -> -1
-            lines.append(f"#   {i}: {col} (categorical, {s.nunique()} values coded 0..{s.nunique() - 1})")
-            columns.append(np.where(codes < 0, codes.max() + 1, codes))
+            codes = s.astype("category").cat.codes.to_numpy().astype(float)  # 0..n-1, missing -> -1
+            n = s.nunique()
+            filled = f", {missing} missing coded {n}" if missing else ""
+            lines.append(f"#   {i}: {col} (categorical, {n} values coded 0..{n - 1}{filled})")
+            columns.append(np.where(codes < 0, n, codes))
+    if not columns:
+        raise ValueError(f"{name} has no column besides the target '{target}'"
+                         + (f" that holds a value ({', '.join(empty)} are empty)" if empty else "")
+                         + ", and a classifier needs at least one feature: pass a file with feature columns")
     X = np.stack(columns, axis=1).astype(np.float64)  # (n, d)
     X, X_test, y, y_test = train_test_split(X, y, test_size=HELDOUT, random_state=SEED, stratify=y)
     description = (f"# Dataset: {name} ({source}), {len(df)} rows, {X.shape[1]} features.\n"
                    f"# Target: {target}, {len(labels)} classes: "
                    + ", ".join(f"{i} = {v}" for i, v in enumerate(labels[:10])) + (" ..." if len(labels) > 10 else "")
                    + ".\n# Features (columns of x_train, a float numpy array; y_train holds integer labels):\n"
-                   + "\n".join(lines[:40]) + ("\n#   ..." if len(lines) > 40 else ""))
+                   + "\n".join(lines[:40]) + ("\n#   ..." if len(lines) > 40 else "")
+                   + (f"\n# Left out, empty in every row: {', '.join(empty)}." if empty else ""))
     return Dataset(name, X, y, X_test, y_test, description)
 
 

@@ -142,6 +142,24 @@ def test_csv_path_with_target_column(tmp_path):
             env.load_dataset(str(tmp_path / name))
 
 
+def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left_out(tmp_path):
+    rows = ["a,empty,color,nothing,label"] + [
+        f"{'' if i % 10 == 0 else i},,{'' if i % 5 == 1 else 'red' if i % 2 else 'blue'},,{i % 2}" for i in range(40)]
+    path = tmp_path / "holes.csv"
+    path.write_text("\n".join(rows))
+    d = env.load_dataset(f"{path}:label")
+    X = np.concatenate([d.X, d.X_test])  # (40, 2): the two empty columns are not features
+    assert X.shape == (40, 2) and "2 features" in d.description
+    assert "#   0: a (numeric, 1 .. 39, 4 missing set to the median 20)" in d.description  # 1..39 without 10, 20, 30
+    assert "#   1: color (categorical, 2 values coded 0..1, 8 missing coded 2)" in d.description
+    assert "# Left out, empty in every row: empty, nothing." in d.description
+    assert sorted(np.unique(X[:, 1])) == [0.0, 1.0, 2.0] and (X[:, 1] == 2).sum() == 8
+    assert (X[:, 0] == 20).sum() == 4  # rows 0, 10, 20, 30 (the median of 1..39 without 10, 20, 30 is (19 + 21) / 2)
+    path.write_text("empty,label\n" + "\n".join(f",{i % 2}" for i in range(40)))
+    with pytest.raises(ValueError, match="has no column besides the target 'label' that holds a value .empty are"):
+        env.load_dataset(f"{path}:label")
+
+
 def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_class_scores(tmp_path, sandbox):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 2))
