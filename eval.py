@@ -16,7 +16,7 @@ reference at every token).
     python eval.py --ckpt runs/cmc-CodeLlama-7b-hf-etpo/ckpt.pt --datasets cmc,credit_g --seeds 5 --steps 40
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
     python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
-    python eval.py --runs RUN1,RUN2 --model tiny --policies reference --steps 960   # the paper's table 2
+    python eval.py --runs RUN1,RUN2 --policies reference --steps 960   # table 2 (reference: the runs' base model)
     python eval.py --curves RUN1,RUN2 --plot curves.png     # learning curves alone (needs matplotlib)
 """
 
@@ -40,7 +40,8 @@ import sampling
 
 parser = argparse.ArgumentParser(description="Best-of-N ROC AUC over datasets and seeds, and more.")
 parser.add_argument("--ckpt", default=None, help="a checkpoint written by train.py")
-parser.add_argument("--model", default=None, help="the base model without --ckpt (e.g. tiny)")
+parser.add_argument("--model", default=None,
+                    help="the base model without --ckpt (e.g. tiny; with --runs, default: the model they trained)")
 parser.add_argument("--policies", default=None, help="trained,reference (default: both with --ckpt)")
 parser.add_argument("--datasets", default=None,
                     help="comma-separated dataset names (default: those of the --runs, or of the --ckpt's run, or cmc)")
@@ -73,8 +74,9 @@ BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM
 }
 
 
-def load_policy(args):
-    """The model and its adapters from a checkpoint, or the bare model; and the run's configuration."""
+def load_policy(args, run_models=()):
+    """The model and its adapters from a checkpoint, or the bare model (--model, else the one the --runs trained);
+    and the run's configuration."""
     config = {}
     if args.ckpt:
         try:
@@ -85,9 +87,10 @@ def load_policy(args):
         except Exception as e:  # any unreadable file gets the same answer
             sys.exit(f"error: could not read the checkpoint {args.ckpt} ({type(e).__name__}); pass a ckpt.pt "
                      "that train.py wrote")
-    name = config.get("model") or args.model
+    name = config.get("model") or args.model or (run_models[0] if len(run_models) == 1 else None)
     if name is None:
-        sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model")
+        sys.exit("error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model"
+                 + (f" (the --runs trained {' and '.join(run_models)})" if run_models else ""))
     if name == "codellama-7b-arch":
         sys.exit("error: codellama-7b-arch has random weights and no tokenizer (it is for bench.py and simulate.py): "
                  "evaluate codellama/CodeLlama-7b-hf")
@@ -144,6 +147,7 @@ def training_run(run, sandbox, args):
     last = [row for row, start in zip(rows, starts) if start >= state["env_steps"] - LAST_STEPS] or rows[-1:]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
             "dataset_flag": config["dataset"],  # what loads it again: a CSV run's is its path, not its name
+            "model": config.get("model"),  # the base model, whose untrained self is the Reflection column
             "heldout": heldout_auc(sandbox, state["best_code"], dataset),
             "success": float(np.mean([row["env/success_rate"] for row in rows])),
             "first_try": float(np.mean([row["env/first_try_reward"] for row in last
@@ -325,14 +329,15 @@ def main():
     adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
-    lm, config = load_policy(args) if policies or args.perplexity or args.credit else (None, {})
-    if args.credit and "q" not in lm.names:  # a PPO-KL checkpoint
-        sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     sandbox = execution.Sandbox()
     results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
     if len({(r["dataset"], r["method"], r["seed"]) for r in results}) < len(results):
         sys.exit("error: two of the --runs are the same method on the same dataset with the same seed; pass one of "
                  "them (a cell of the table is the mean over seeds of one method)")
+    run_models = sorted({r["model"] for r in results if r["model"]})
+    lm, config = load_policy(args, run_models) if policies or args.perplexity or args.credit else (None, {})
+    if args.credit and "q" not in lm.names:  # a PPO-KL checkpoint
+        sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     trained_methods = list(dict.fromkeys(r["method"] for r in results))
     budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
     methods = policies + trained_methods + list(BASELINES)

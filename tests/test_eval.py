@@ -104,6 +104,27 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     assert (tmp_path / "e2" / "table.md").read_text().split("\n\n")[0].splitlines()[3].startswith("| iris | ")
 
 
+def test_the_reference_column_of_runs_is_their_base_model(tmp_path):
+    def fake_run(name, model_name, algo):  # a finished run's files, without its training
+        (tmp_path / name).mkdir()
+        torch.save({"config": {"dataset": "iris", "algo": algo, "seed": 0, "model": model_name}, "it": 1,
+                    "env": {"best_reward": 0.9, "best_code": None, "env_steps": 4}}, tmp_path / name / "ckpt.pt")
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"it": 0, "env_steps": 4, "env/success_rate": 0.5,
+                                                                   "env/first_try_reward": 0.1}) + "\n")
+        return str(tmp_path / name)
+
+    tiny, big = fake_run("tiny-run", "tiny", "etpo"), fake_run("big-run", "codellama/CodeLlama-7b-hf", "ppo_kl")
+    small = ["--policies", "reference", "--seeds", "1", "--steps", "4", "--n-envs", "4", "--max-new-tokens", "32"]
+    r = run("eval.py", "--runs", tiny, *small, "--out", str(tmp_path / "e"))  # no --model: the run's, untrained
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = (tmp_path / "e" / "table.md").read_text().split("\n\n")[0].splitlines()
+    assert best[1].startswith("| dataset | reference | etpo |") and re.match(r"\| iris \| -?[01]\.\d+ ± ", best[3])
+    r = run("eval.py", "--runs", f"{tiny},{big}", *small, "--out", str(tmp_path / "e"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model (the --runs trained "
+        "codellama/CodeLlama-7b-hf and tiny)")
+
+
 def test_learning_curves_alone(ckpt, tmp_path):
     """--curves RUN needs no model; matplotlib (optional) is played by a stand-in that saves what it was asked to plot,
     and its absence is one sentence before anything runs."""
