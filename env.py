@@ -79,15 +79,23 @@ def folder_name(name):
 
 
 def read_csv(path):
-    """A CSV file as a DataFrame, separated by commas, or by semicolons or tabs (as some spreadsheets write them); a
-    file pandas cannot parse (empty, binary, ragged rows) gets one sentence."""
+    """A CSV file as a DataFrame, separated by commas, or by semicolons or tabs (as some spreadsheets write them), in
+    UTF-8 or else Windows-1252 (a spreadsheet's export on Windows); a file pandas cannot parse (empty, binary, ragged
+    rows) gets one sentence."""
     import pandas as pd
 
+    with open(path, "rb") as f:
+        binary = b"\0" in f.read(1 << 16)  # no text file holds a NUL byte, and Windows-1252 would read it as text
     try:
-        df = pd.read_csv(path)
+        if binary:
+            raise ValueError("it holds NUL bytes, as binary files do")
+        try:
+            df, encoding = pd.read_csv(path), "utf-8"
+        except UnicodeDecodeError:
+            df, encoding = pd.read_csv(path, encoding="cp1252"), "cp1252"
         separator = next((sep for sep in (";", "\t") if len(df.columns) == 1 and sep in df.columns[0]), None)
-        return pd.read_csv(path, sep=separator) if separator else df
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        return pd.read_csv(path, sep=separator, encoding=encoding) if separator else df
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         reason = str(e).strip().partition("\n")[0][:120]
         raise ValueError(f"could not read {path} as a CSV file ({reason}): pass a text file of columns separated by "
                          "commas, semicolons or tabs, whose first line names them") from None

@@ -133,6 +133,12 @@ def test_csv_path_with_target_column(tmp_path):
         (tmp_path / "other.csv").write_text("\n".join(line.replace(",", sep) for line in lines))
         other = env.load_dataset(f"{tmp_path / 'other.csv'}:label")
         assert other.X.shape == (160, 4) and "color (categorical" in other.description
+    excel = ["größe;farbe;ziel"] + [f"{r[0]:.3f};{'grün' if r[1] > 0 else 'rot'};{'ja' if r[0] > 0 else 'nein'}"
+                                    for r in x]
+    (tmp_path / "excel.csv").write_bytes("\r\n".join(excel).encode("cp1252"))  # Excel on Windows: not UTF-8
+    d = env.load_dataset(str(tmp_path / "excel.csv"))
+    assert d.X.shape == (160, 2) and "0: größe (numeric" in d.description and "1: farbe (categorical" in d.description
+    assert "ziel, 2 classes: 0 = ja, 1 = nein." in d.description
     (tmp_path / "target-only.csv").write_text("label\n" + "\n".join("01"[i % 2] for i in range(40)))
     with pytest.raises(ValueError, match="has no column besides the target 'label'"):  # was "need at least one array"
         env.load_dataset(str(tmp_path / "target-only.csv"))
@@ -140,6 +146,9 @@ def test_csv_path_with_target_column(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a text file of columns"):
             env.load_dataset(str(tmp_path / name))
+    (tmp_path / "image.csv").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(32, 127)) * 20)  # no undefined
+    with pytest.raises(ValueError, match="image.csv as a CSV file .it holds NUL bytes"):  # byte of Windows-1252 in it
+        env.load_dataset(str(tmp_path / "image.csv"))
 
 
 def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left_out(tmp_path):
