@@ -151,6 +151,11 @@ def _openml_frame(name, openml_cache):
                                          download_features_meta_data=False)
         X, y, _, _ = ds.get_data(target=ds.default_target_attribute)
     except Exception as e:  # the client raises many types for "offline" (requests, OpenML server, file errors)
+        folder = os.path.join(openml.config.get_cache_directory(), "datasets", str(did))
+        cached = os.path.isdir(folder) and any(f.startswith("dataset.") for f in os.listdir(folder))
+        if cached and not isinstance(e, OSError):  # (requests' errors are OSErrors) a copy cut short, say
+            raise RuntimeError(f"could not read OpenML dataset {did} ({name}) from its cached copy in {folder} "
+                               f"({type(e).__name__}): delete that folder, and it downloads again") from None
         raise RuntimeError(f"could not get OpenML dataset {did} ({name}): {type(e).__name__}; check the internet "
                            f"connection, or pass --openml-cache with a folder that holds it") from None
     finally:

@@ -116,6 +116,25 @@ def test_offline_openml_fails_at_once(tmp_path, monkeypatch):
     assert len(attempts) == 2  # the connection test, then the one request
 
 
+@needs_shared
+def test_a_cached_openml_copy_cut_short_says_to_delete_it(tmp_path, no_network):
+    # a download cut short leaves a file the client cannot parse, and it never downloads a cached file again
+    cache = tmp_path / "cache"
+    shutil.copytree(os.path.join(SHARED, "openml-cache"), cache)
+    folder = cache / "org" / "openml" / "www" / "datasets" / "23"
+    for f in folder.glob("dataset.*"):
+        if f.suffix != ".arff":
+            f.unlink()  # (a pickle the client wrote beside it)
+    arff = (folder / "dataset.arff").read_bytes()
+    (folder / "dataset.arff").write_bytes(arff[: len(arff) // 2])
+    with pytest.raises(RuntimeError, match=f"could not read OpenML dataset 23 .cmc. from its cached copy in {folder} "
+                                           r"\(\w+\): delete that folder, and it downloads again"):
+        env.load_dataset("cmc", openml_cache=str(cache))
+    shutil.rmtree(folder)  # gone: offline, the sentence about the connection
+    with pytest.raises(RuntimeError, match="could not get OpenML dataset 23 .*check the internet connection"):
+        env.load_dataset("cmc", openml_cache=str(cache))
+
+
 def test_csv_path_with_target_column(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3))
