@@ -11,16 +11,17 @@ Generated code is untrusted. Each program runs in its own process, forked from a
 scikit-learn imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is
 never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process group
 (killed as a whole when it ends or times out, children included, and when the server dies: Linux's
-PR_SET_PDEATHSIG), a wall-clock timeout, a CPU-time limit, an address-space (memory) limit, a 4 MB limit on the
-files it writes, a scratch working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr
-captured to a file and truncated, one BLAS/OpenMP thread, fixed random seeds and string hashes (so a set prints in
-the same order in every run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python
-audit hook that refuses to open, create, delete or rename files outside the scratch directory. The trainer talks to
-the server through a pipe with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM and
-SIGINT, which the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it).
-It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a
-process that calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted
-models in a container or VM if that matters to you.
+PR_SET_PDEATHSIG), a wall-clock timeout, a CPU-time limit, an address-space (memory) limit (where the system allows
+one: macOS refuses it, and the server says so when it starts), a 4 MB limit on the files it writes, a scratch
+working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated,
+one BLAS/OpenMP thread, fixed random seeds and string hashes (so a set prints in the same order in every run:
+scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook that refuses to
+open, create, delete or rename files outside the scratch directory. The trainer talks to the server through a pipe
+with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM and SIGINT, which the trainer
+answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect
+against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a process that calls setsid
+leaves the process group, reading files and using the network are allowed. Run untrusted models in a container or VM
+if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -132,6 +133,16 @@ def _die_with_server(server_pid):
         os.killpg(0, signal.SIGKILL)
 
 
+def _limit_memory(memory_mb):
+    """Cap this process's address space; False where the system refuses (macOS answers EINVAL, which Python raises
+    as ValueError, and would not enforce the cap either: https://github.com/python/cpython/issues/78783)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        return True
+    except (ValueError, OSError):
+        return False
+
+
 def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
     """Runs in the forked child: isolate, limit, score, write one JSON line to result_fd, exit."""
     reward, error = -1.0, None
@@ -147,7 +158,7 @@ def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
         sys.stderr = open(2, "w", closefd=False)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file limit raises instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_output, max_output))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        _limit_memory(memory_mb)  # (where refused, the server warned once at its start)
         cpu = int(job["timeout"]) + 2
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -249,6 +260,13 @@ def _serve():
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
     sys.dont_write_bytecode = True
+    probe = os.fork()  # a child tries the memory limit its programs get, so that the server itself stays unlimited
+    if probe == 0:
+        os._exit(0 if _limit_memory(4096) else 1)
+    if os.waitpid(probe, 0)[1] != 0:  # (on stderr, which is the trainer's)
+        print("warning: this system refuses a memory limit for the generated programs (setrlimit RLIMIT_AS; macOS "
+              "does): a program that allocates too much memory can slow the whole machine; the time limits still "
+              "hold", file=sys.stderr, flush=True)
     # A cluster that stops a job signals every process in it. The trainer then finishes its iteration and ends this
     # server itself (its stdin closes, or Sandbox.close kills the group), so the server and the programs it forks
     # (they inherit this) ignore the signal: a program cut short would score -1, and that score would be cached.

@@ -7,6 +7,7 @@ the MDP.
 Run: python -m pytest tests/test_env.py -q
 """
 
+import ast
 import errno
 import os
 import shutil
@@ -336,6 +337,25 @@ def test_a_sandbox_that_cannot_start_says_why(iris, monkeypatch):
                                                       r"temporarily unavailable\)$"):
         sb.run([GOOD], iris, timeout=10)
     assert sb.cache == {}  # no program's score
+
+
+def test_a_system_that_refuses_the_memory_limit_still_scores_programs_and_says_so(tmp_path):
+    # macOS answers setrlimit(RLIMIT_AS) with EINVAL (Python's ValueError): every program failed with that error and
+    # scored -1 before. Here the server's setrlimit refuses RLIMIT_AS the same way
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import resource\n\nsetrlimit = resource.setrlimit\n\n\ndef refuse(limit, values):\n"
+        "    if limit == resource.RLIMIT_AS:\n        raise ValueError('current limit exceeds maximum limit')\n"
+        "    setrlimit(limit, values)\n\n\nresource.setrlimit = refuse\n")
+    script = ("import env, execution\nsb = execution.Sandbox(workers=1)\n"
+              f"print(sb.run([{GOOD!r}], env.load_dataset('iris'), timeout=30)[0])\nsb.close()\n")
+    for path, warned in ((hook, True), (tmp_path, False)):  # (tmp_path: no hook, the limit holds)
+        r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(path), ROOT])})
+        reward, error = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+        assert error is None and reward > 0.9, (r.stdout, r.stderr)
+        assert ("warning: this system refuses a memory limit for the generated programs" in r.stderr) == warned
 
 
 def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
