@@ -343,6 +343,8 @@ def resolve_device(device=None):
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device} is not a device torch knows: pass cuda, cuda:N or cpu") from None
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, ...: one sentence now, not a failure of some operator later
+        raise ValueError(f"--device {device} is not one this code has been run on: pass cuda, cuda:N or cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no GPU on this machine"

@@ -390,6 +390,7 @@ def test_another_architecture_trains_once_its_layers_are_named(tmp_path, phi3_di
     (["--dataset", "iris", "--model", "tiny", "--out", "LOCKED"], "another train.py is writing to"),
     (["--dataset", "iris", "--model", "tiny", "--device", "NO_GPU"], "--device cuda asks for a CUDA GPU"),
     (["--dataset", "iris", "--model", "tiny", "--device", "gpu"], "--device gpu is not a device torch knows"),
+    (["--dataset", "iris", "--model", "tiny", "--device", "mps"], "--device mps is not one this code has been run on"),
     (["--dataset", "iris", "--model", "tiny", "--n-envs", "0"], "--n-envs 0 must be positive"),  # was a ZeroDivision
     (["--dataset", "iris", "--model", "tiny", "--beta", "0"], "--beta 0.0 must be positive"),
     (["--dataset", "iris", "--model", "tiny", "--gamma", "1.5"], "--gamma 1.5 must lie in [0, 1]"),
