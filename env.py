@@ -95,7 +95,7 @@ def read_csv(path):
             df, encoding = pd.read_csv(path, encoding="cp1252"), "cp1252"
         separator = next((sep for sep in (";", "\t") if len(df.columns) == 1 and sep in df.columns[0]), None)
         return pd.read_csv(path, sep=separator, encoding=encoding) if separator else df
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:  # pandas' ParserError and EmptyDataError, UnicodeDecodeError and the NUL bytes are ones
         reason = str(e).strip().partition("\n")[0][:120]
         raise ValueError(f"could not read {path} as a CSV file ({reason}): pass a text file of columns separated by "
                          "commas, semicolons or tabs, whose first line names them") from None

@@ -134,10 +134,13 @@ def _die_with_server(server_pid):
 
 
 def _limit_memory(memory_mb):
-    """Cap this process's address space; False where the system refuses (macOS answers EINVAL, which Python raises
-    as ValueError, and would not enforce the cap either: https://github.com/python/cpython/issues/78783)."""
+    """Cap this process's address space at memory_mb, or at a lower cap already set (`ulimit -v` on a cluster, which
+    no process may raise); False where the system refuses (macOS answers EINVAL, which Python raises as ValueError,
+    and would not enforce the cap either: https://github.com/python/cpython/issues/78783)."""
     try:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        cap = memory_mb << 20 if hard == resource.RLIM_INFINITY else min(memory_mb << 20, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         return True
     except (ValueError, OSError):
         return False
@@ -260,7 +263,7 @@ def _serve():
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
     sys.dont_write_bytecode = True
-    probe = os.fork()  # a child tries the memory limit its programs get, so that the server itself stays unlimited
+    probe = os.fork()  # a child tries a memory limit, so that the server itself stays unlimited
     if probe == 0:
         os._exit(0 if _limit_memory(4096) else 1)
     if os.waitpid(probe, 0)[1] != 0:  # (on stderr, which is the trainer's)

@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_env.py -q
 import ast
 import errno
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -339,9 +340,10 @@ def test_a_sandbox_that_cannot_start_says_why(iris, monkeypatch):
     assert sb.cache == {}  # no program's score
 
 
-def test_a_system_that_refuses_the_memory_limit_still_scores_programs_and_says_so(tmp_path):
-    # macOS answers setrlimit(RLIMIT_AS) with EINVAL (Python's ValueError): every program failed with that error and
-    # scored -1 before. Here the server's setrlimit refuses RLIMIT_AS the same way
+def test_programs_score_where_the_system_refuses_the_memory_limit_or_holds_a_lower_one(tmp_path):
+    # macOS answers setrlimit(RLIMIT_AS) with EINVAL (Python's ValueError), and a cluster's `ulimit -v` below the
+    # sandbox's 4 GB cannot be raised (ValueError too): every program failed with that error and scored -1 before.
+    # Here the server's setrlimit refuses RLIMIT_AS as macOS does; then a 3.5 GB hard limit is set, as by ulimit
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
@@ -350,9 +352,12 @@ def test_a_system_that_refuses_the_memory_limit_still_scores_programs_and_says_s
         "    setrlimit(limit, values)\n\n\nresource.setrlimit = refuse\n")
     script = ("import env, execution\nsb = execution.Sandbox(workers=1)\n"
               f"print(sb.run([{GOOD!r}], env.load_dataset('iris'), timeout=30)[0])\nsb.close()\n")
-    for path, warned in ((hook, True), (tmp_path, False)):  # (tmp_path: no hook, the limit holds)
+    def ulimit():
+        resource.setrlimit(resource.RLIMIT_AS, (3500 << 20, 3500 << 20))
+
+    for path, limit, warned in ((hook, None, True), (tmp_path, ulimit, False)):  # (tmp_path: no hook)
         r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(path), ROOT])})
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(path), ROOT])}, preexec_fn=limit)
         reward, error = ast.literal_eval(r.stdout.strip().splitlines()[-1])
         assert error is None and reward > 0.9, (r.stdout, r.stderr)
         assert ("warning: this system refuses a memory limit for the generated programs" in r.stderr) == warned
