@@ -355,9 +355,12 @@ def test_programs_score_where_the_system_refuses_the_memory_limit_or_holds_a_low
     def ulimit():
         resource.setrlimit(resource.RLIMIT_AS, (3500 << 20, 3500 << 20))
 
+    one_thread = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}  # (a BLAS thread
+    # per core reserves address space: on a machine of many cores the script itself could pass 3.5 GB)
     for path, limit, warned in ((hook, None, True), (tmp_path, ulimit, False)):  # (tmp_path: no hook)
         r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(path), ROOT])}, preexec_fn=limit)
+                           env={**os.environ, **one_thread, "PYTHONPATH": os.pathsep.join([str(path), ROOT])},
+                           preexec_fn=limit)
         reward, error = ast.literal_eval(r.stdout.strip().splitlines()[-1])
         assert error is None and reward > 0.9, (r.stdout, r.stderr)
         assert ("warning: this system refuses a memory limit for the generated programs" in r.stderr) == warned
