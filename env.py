@@ -13,8 +13,9 @@ scratch directory; its docstring says what that protects against and what not.
 
 Departures from the paper: 1. 20% of each dataset's rows are held out (fixed seed) and never used for the
 reward, so evaluation can report generalization; the 5 reward splits use the other 80%. 2. Missing values are
-imputed before the model sees the data (numeric: median, categorical: an extra code; the prompt says how many and
-with what), so every classifier runs; a column empty in every row is left out (the prompt names it).
+imputed before the model sees the data (numeric: median, an infinity counted as missing; categorical: an extra code;
+the prompt says how many and with what), so every classifier runs; a column empty in every row is left out (the
+prompt names it).
 """
 
 import dataclasses
@@ -204,14 +205,19 @@ def prepare(name, df, target, source):
                          + (" (is it a regression target?)" if len(rare) > len(labels) / 2 else ""))
     columns, lines, empty = [], [], []
     for col in (c for c in df.columns if c != target):
-        s, missing, i = df[col], int(df[col].isna().sum()), len(columns)
+        s, i, infinite = df[col], len(columns), 0
+        if s.dtype.kind in "biuf":  # an infinity (a ratio over zero, say) is missing too: no classifier takes one
+            s = s.astype(float)
+            infinite = int(np.isinf(s).sum())
+            s = s.replace([np.inf, -np.inf], np.nan)
+        missing = int(s.isna().sum())
         if missing == len(df):  # no value in any row: nothing to learn from (and no median to fill in)
             empty.append(str(col))
-        elif s.dtype.kind in "biuf":
-            x = s.astype(float)
-            filled = f", {missing} missing set to the median {x.median():.4g}" if missing else ""
-            lines.append(f"#   {i}: {col} (numeric, {x.min():.4g} .. {x.max():.4g}{filled})")
-            columns.append(x.fillna(x.median()).to_numpy())
+        elif s.dtype.kind == "f":
+            what = "missing or infinite" if infinite else "missing"
+            filled = f", {missing} {what} set to the median {s.median():.4g}" if missing else ""
+            lines.append(f"#   {i}: {col} (numeric, {s.min():.4g} .. {s.max():.4g}{filled})")
+            columns.append(s.fillna(s.median()).to_numpy())
         else:
             codes = s.astype("category").cat.codes.to_numpy().astype(float)  # 0..n-1, missing -> -1
             n = s.nunique()

@@ -173,16 +173,19 @@ def test_csv_path_with_target_column(tmp_path):
 
 
 def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left_out(tmp_path):
-    rows = ["a,empty,color,nothing,label"] + [
-        f"{'' if i % 10 == 0 else i},,{'' if i % 5 == 1 else 'red' if i % 2 else 'blue'},,{i % 2}" for i in range(40)]
+    rows = ["a,empty,color,nothing,ratio,label"] + [
+        f"{'' if i % 10 == 0 else i},,{'' if i % 5 == 1 else 'red' if i % 2 else 'blue'},,"
+        f"{'-inf' if i == 3 else 1 / i if i else 'inf'},{i % 2}" for i in range(40)]  # ratio: 1 / i, two infinite
     path = tmp_path / "holes.csv"
     path.write_text("\n".join(rows))
     d = env.load_dataset(f"{path}:label")
-    X = np.concatenate([d.X, d.X_test])  # (40, 2): the two empty columns are not features
-    assert X.shape == (40, 2) and "2 features" in d.description
+    X = np.concatenate([d.X, d.X_test])  # (40, 3): the two empty columns are not features
+    assert X.shape == (40, 3) and "3 features" in d.description and np.isfinite(X).all()
     assert "#   0: a (numeric, 1 .. 39, 4 missing set to the median 20)" in d.description  # 1..39 without 10, 20, 30
     assert "#   1: color (categorical, 2 values coded 0..1, 8 missing coded 2)" in d.description
     assert "# Left out, empty in every row: empty, nothing." in d.description
+    ratio = "2: ratio (numeric, 0.02564 .. 1, 2 missing or infinite set to the median 0.04881)"  # (1/20 + 1/21) / 2
+    assert ratio in d.description and (X[:, 2] == np.median([1 / i for i in range(1, 40) if i != 3])).sum() == 2
     assert sorted(np.unique(X[:, 1])) == [0.0, 1.0, 2.0] and (X[:, 1] == 2).sum() == 8
     assert (X[:, 0] == 20).sum() == 4  # rows 0, 10, 20, 30 (the median of 1..39 without 10, 20, 30 is (19 + 21) / 2)
     path.write_text("empty,label\n" + "\n".join(f",{i % 2}" for i in range(40)))
