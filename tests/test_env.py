@@ -167,8 +167,9 @@ def test_csv_path_with_target_column(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=f"could not read .*{name} as a CSV file .*: pass a text file of columns"):
             env.load_dataset(str(tmp_path / name))
-    (tmp_path / "image.csv").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(32, 127)) * 20)  # no undefined
-    with pytest.raises(ValueError, match="image.csv as a CSV file .it holds NUL bytes"):  # byte of Windows-1252 in it
+    # a binary file with no byte that Windows-1252 leaves undefined: its NUL bytes give it away
+    (tmp_path / "image.csv").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(32, 127)) * 20)
+    with pytest.raises(ValueError, match="image.csv as a CSV file .it holds NUL bytes"):
         env.load_dataset(str(tmp_path / "image.csv"))
 
 
@@ -355,6 +356,7 @@ def test_programs_score_where_the_system_refuses_the_memory_limit_or_holds_a_low
         "    setrlimit(limit, values)\n\n\nresource.setrlimit = refuse\n")
     script = ("import env, execution\nsb = execution.Sandbox(workers=1)\n"
               f"print(sb.run([{GOOD!r}], env.load_dataset('iris'), timeout=30)[0])\nsb.close()\n")
+
     def ulimit():
         resource.setrlimit(resource.RLIMIT_AS, (3500 << 20, 3500 << 20))
 
