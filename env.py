@@ -89,7 +89,7 @@ def read_csv(path):
         binary = b"\0" in f.read(1 << 16)  # no text file holds a NUL byte, and Windows-1252 would read it as text
     try:
         if binary:
-            raise ValueError("it holds NUL bytes, as binary files do")
+            raise ValueError("it holds NUL bytes: a binary file, or UTF-16 text, which a spreadsheet can save as UTF-8")
         try:
             df, encoding = pd.read_csv(path), "utf-8"
         except UnicodeDecodeError:

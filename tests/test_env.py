@@ -169,8 +169,11 @@ def test_csv_path_with_target_column(tmp_path):
             env.load_dataset(str(tmp_path / name))
     # a binary file with no byte that Windows-1252 leaves undefined: its NUL bytes give it away
     (tmp_path / "image.csv").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(32, 127)) * 20)
-    with pytest.raises(ValueError, match="image.csv as a CSV file .it holds NUL bytes"):
+    with pytest.raises(ValueError, match="image.csv as a CSV file .it holds NUL bytes: a binary file"):
         env.load_dataset(str(tmp_path / "image.csv"))
+    (tmp_path / "utf16.csv").write_bytes("\n".join(lines).encode("utf-16"))  # Excel's "Unicode text"
+    with pytest.raises(ValueError, match="utf16.csv as a CSV file .it holds NUL bytes: .* or UTF-16 text, which"):
+        env.load_dataset(str(tmp_path / "utf16.csv"))
 
 
 def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left_out(tmp_path):
