@@ -73,10 +73,19 @@ def dataset_names():
     return sorted(OPENML_IDS) + sorted(KAGGLE) + list(SKLEARN)
 
 
+def split_csv(name):
+    """(path, target column or None) of a dataset given as `path.csv` or `path.csv:target` (any case of .csv; `~`
+    expanded), else None."""
+    m = re.fullmatch(r"(.*?\.csv)(?::(.+))?", name, re.IGNORECASE)  # the first .csv that ends the name or meets ':'
+    return (os.path.expanduser(m[1]), m[2]) if m else None
+
+
 def folder_name(name):
     """What train.py names a run folder after: the dataset's name, or a CSV's file name and target column."""
-    path, csv, target = os.path.basename(name).partition(".csv")
-    return "-".join(filter(None, (path, target[1:]))) if csv else path
+    csv = split_csv(name)
+    if csv is None:
+        return os.path.basename(name)
+    return "-".join(filter(None, (os.path.splitext(os.path.basename(csv[0]))[0], csv[1])))
 
 
 def read_csv(path):
@@ -120,9 +129,8 @@ def load_dataset(name, data_dir=None, openml_cache=None):
         bunch = getattr(sklearn.datasets, f"load_{name}")(as_frame=True)
         df, target, source = bunch.frame, "target", "scikit-learn"
         df["target"] = np.asarray(bunch.target_names)[bunch.target] if name != "digits" else bunch.target
-    elif re.match(r".*\.csv(:.+)?$", name):
-        path, _, target = name.partition(".csv")
-        path, target = path + ".csv", target[1:]
+    elif split_csv(name):
+        path, target = split_csv(name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no CSV file at {path}; check the path")
         df, source = read_csv(path), "CSV file"

@@ -137,7 +137,7 @@ def test_a_cached_openml_copy_cut_short_says_to_delete_it(tmp_path, no_network):
         env.load_dataset("cmc", openml_cache=str(cache))
 
 
-def test_csv_path_with_target_column(tmp_path):
+def test_csv_path_with_target_column(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3))
     path = tmp_path / "mine.csv"
@@ -145,6 +145,12 @@ def test_csv_path_with_target_column(tmp_path):
     path.write_text("\n".join(lines))
     assert env.folder_name(f"{path}:label") == "mine-label" and env.folder_name(str(path)) == "mine"
     assert env.folder_name("cmc") == "cmc"  # train.py's default run folder: runs/mine-label-tiny-etpo
+    (tmp_path / "v1.csv.d").mkdir()  # a folder whose name holds .csv, a file named in capitals, a path from ~
+    (tmp_path / "v1.csv.d" / "MINE.CSV").write_text("\n".join(lines))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert env.folder_name("~/v1.csv.d/MINE.CSV:label") == "MINE-label"
+    d = env.load_dataset("~/v1.csv.d/MINE.CSV:label")
+    assert d.X.shape == (160, 4) and d.name == "MINE" and "Target: label" in d.description
     d = env.load_dataset(f"{path}:label")
     assert d.X.shape == (160, 4) and d.name == "mine" and "color (categorical" in d.description
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
