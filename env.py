@@ -134,6 +134,9 @@ def load_dataset(name, data_dir=None, openml_cache=None):
         if not os.path.exists(path):
             raise FileNotFoundError(f"no CSV file at {path}; check the path")
         df, source = read_csv(path), "CSV file"
+        first = df.columns[0]
+        if first.startswith("Unnamed: ") and (df[first].to_numpy() == np.arange(len(df))).all():
+            df = df.drop(columns=first)  # the index pandas' to_csv writes: 0, 1, 2, ..., a feature that only misleads
         target = target or df.columns[-1]
         if target not in df.columns:
             raise ValueError(f"the CSV {path} has no column '{target}'; its columns are {list(df.columns)}")

@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -151,6 +152,9 @@ def test_csv_path_with_target_column(tmp_path, monkeypatch):
     assert env.folder_name("~/v1.csv.d/MINE.CSV:label") == "MINE-label"
     d = env.load_dataset("~/v1.csv.d/MINE.CSV:label")
     assert d.X.shape == (160, 4) and d.name == "MINE" and "Target: label" in d.description
+    pd.read_csv(path).to_csv(tmp_path / "indexed.csv")  # with the index pandas writes by default, an unnamed column
+    d = env.load_dataset(f"{tmp_path / 'indexed.csv'}:label")
+    assert d.X.shape == (160, 4) and "Unnamed" not in d.description and "#   0: a (numeric" in d.description
     d = env.load_dataset(f"{path}:label")
     assert d.X.shape == (160, 4) and d.name == "mine" and "color (categorical" in d.description
     path.write_text("\n".join(lines[:51] + [",".join(line.split(",")[:3] + ["", "red"]) for line in lines[51:]]))
