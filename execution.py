@@ -310,11 +310,18 @@ class SandboxError(RuntimeError):
     """The sandbox itself, not a program, failed: its server cannot start (a full temporary folder, say)."""
 
 
+def usable_cores():
+    """The cores this process may run on: a cluster's job (Slurm, say) gets a few cores of a large machine, and
+    os.cpu_count() counts the machine's; a program per core of those would share the job's few and could run past
+    its time limit, scored -1 (and cached) for the crowding."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Sandbox:
     """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
 
     def __init__(self, workers=None, memory_mb=4096):
-        self.workers, self.memory_mb = workers or os.cpu_count() or 1, memory_mb
+        self.workers, self.memory_mb = workers or usable_cores(), memory_mb
         self.proc, self.root, self.sent, self.cache = None, None, set(), {}
 
     def _start(self):

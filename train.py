@@ -55,7 +55,8 @@ parser.add_argument("--openml-cache", default=None, help="openml cache folder (s
 parser.add_argument("--n-envs", type=int, default=None, help="parallel episodes N (paper 8)")
 parser.add_argument("--episode-steps", type=int, default=5, help="step limit of an episode (paper 5)")
 parser.add_argument("--timeout", type=float, default=60.0, help="seconds one program may run")
-parser.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: all cores)")
+parser.add_argument("--workers", type=int, default=None,
+                    help="programs run in parallel (default: the cores this process may use)")
 # model
 parser.add_argument("--model", default="codellama/CodeLlama-7b-hf", help="Hugging Face id or path, or 'tiny'")
 parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoRA adapters (alpha = 2 r)")
@@ -196,7 +197,7 @@ checks = [  # a value out of range ends here with one sentence, not with a divis
     (("temperature", "top_k", "conservative", "grad_clip", "sample_every"), lambda v: v >= 0, "must be 0 or more")]
 for names, ok, rule in checks:
     for name in names:
-        if getattr(args, name) is not None and not ok(getattr(args, name)):  # None: the default (all cores, MSE)
+        if getattr(args, name) is not None and not ok(getattr(args, name)):  # None: the default (all usable cores, MSE)
             fail(f"--{name.replace('_', '-')} {getattr(args, name)} {rule}")
 batch = args.n_envs * args.rollout_steps  # derived numbers, computed once: transitions per iteration
 iterations = args.steps // batch

@@ -344,6 +344,15 @@ def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
             os.remove(shm)
 
 
+def test_the_sandbox_runs_a_program_per_core_of_the_job_not_of_the_machine(monkeypatch):
+    # a cluster job given 2 cores of a 64-core node: 64 programs at once on 2 cores could pass their time limits
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 6}, raising=False)
+    assert execution.Sandbox().workers == 2 and execution.Sandbox(workers=3).workers == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has no affinity: the machine's count
+    assert execution.Sandbox().workers == 64
+
+
 def test_a_sandbox_that_cannot_start_says_why(iris, monkeypatch):
     # its folder on a full disk (train.py's test plays that) and a server that cannot be forked get different advice
     def no_process(*args, **kwargs):
