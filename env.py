@@ -129,8 +129,8 @@ def load_dataset(name, data_dir=None, openml_cache=None):
         bunch = getattr(sklearn.datasets, f"load_{name}")(as_frame=True)
         df, target, source = bunch.frame, "target", "scikit-learn"
         df["target"] = np.asarray(bunch.target_names)[bunch.target] if name != "digits" else bunch.target
-    elif split_csv(name):
-        path, target = split_csv(name)
+    elif csv := split_csv(name):
+        path, target = csv
         if not os.path.exists(path):
             raise FileNotFoundError(f"no CSV file at {path}; check the path")
         df, source = read_csv(path), "CSV file"
