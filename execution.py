@@ -17,11 +17,11 @@ working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stde
 one BLAS/OpenMP thread, fixed random seeds and string hashes (so a set prints in the same order in every run:
 scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook that refuses to
 open, create, delete or rename files outside the scratch directory. The trainer talks to the server through a pipe
-with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM and SIGINT, which the trainer
-answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect
-against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a process that calls setsid
-leaves the process group, reading files and using the network are allowed. Run untrusted models in a container or VM
-if that matters to you.
+with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which
+the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT
+protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a process that
+calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted models in a
+container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -275,6 +275,7 @@ def _serve():
     # (they inherit this) ignore the signal: a program cut short would score -1, and that score would be cached.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # Slurm's early warning (sbatch --signal=USR1@SECONDS)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
     datasets = {}

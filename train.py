@@ -285,8 +285,9 @@ def save_checkpoint(it):
 stop_requested = False
 
 
-def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the job): finish the iteration, save,
-    # exit; a second one: quit now. The sandbox ignores both, so the programs in flight are not cut short.
+def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the job), or SIGUSR1 (Slurm's early
+    # warning, sbatch --signal=USR1@300): finish the iteration, save, exit; a second one: quit now. The sandbox
+    # ignores all three, so the programs in flight are not cut short.
     global stop_requested
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     if stop_requested:
@@ -299,6 +300,7 @@ def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the 
 
 signal.signal(signal.SIGINT, on_stop)
 signal.signal(signal.SIGTERM, on_stop)
+signal.signal(signal.SIGUSR1, on_stop)
 
 
 @contextlib.contextmanager

@@ -398,7 +398,7 @@ def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
     # server and the running programs must live on: a program cut short would score -1, and the score would be cached
     sb = execution.Sandbox(workers=1)
     try:
-        signals = "    import os, signal\n    for sig in (signal.SIGTERM, signal.SIGINT):\n"
+        signals = "    import os, signal\n    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):\n"
         code = GOOD.replace("    from sklearn", signals + "        os.kill(os.getppid(), sig)\n"
                             "        os.kill(os.getpid(), sig)\n    from sklearn", 1)
         reward, error = sb.run([code], iris, timeout=10)[0]
