@@ -47,6 +47,10 @@ import weakref
 import numpy as np
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a cluster stopping the job, Slurm's warning
+# before it does (sbatch --signal=B:USR1@600): train.py finishes its iteration on each, and the sandbox ignores them
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The server's side: it runs in the server process and its forked children
 
@@ -273,9 +277,8 @@ def _serve():
     # A cluster that stops a job signals every process in it. The trainer then finishes its iteration and ends this
     # server itself (its stdin closes, or Sandbox.close kills the group), so the server and the programs it forks
     # (they inherit this) ignore the signal: a program cut short would score -1, and that score would be cached.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # Slurm's early warning (sbatch --signal=USR1@SECONDS)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
     datasets = {}

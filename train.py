@@ -285,9 +285,8 @@ def save_checkpoint(it):
 stop_requested = False
 
 
-def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the job), or SIGUSR1 (Slurm's early
-    # warning, sbatch --signal=USR1@300): finish the iteration, save, exit; a second one: quit now. The sandbox
-    # ignores all three, so the programs in flight are not cut short.
+def on_stop(signum, frame):  # the first of execution.STOP_SIGNALS (Ctrl-C, SIGTERM, SIGUSR1): finish the iteration,
+    # save, exit; a second one: quit now. The sandbox ignores them, so the programs in flight are not cut short.
     global stop_requested
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     if stop_requested:
@@ -298,9 +297,8 @@ def on_stop(signum, frame):  # first Ctrl-C, or SIGTERM (a cluster stopping the 
     print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
 
 
-signal.signal(signal.SIGINT, on_stop)
-signal.signal(signal.SIGTERM, on_stop)
-signal.signal(signal.SIGUSR1, on_stop)
+for sig in execution.STOP_SIGNALS:
+    signal.signal(sig, on_stop)
 
 
 @contextlib.contextmanager

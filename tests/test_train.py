@@ -221,7 +221,7 @@ def test_another_environment_drives_the_same_loop(algo, tmp_path):
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])  # Ctrl-C, a cluster stopping the
-# job, or Slurm's warning before it does (sbatch --signal=USR1@300)
+# job, or Slurm's warning before it does (sbatch --signal=B:USR1@600)
 def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(stop, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--n-envs", "8", "--steps", "800", "--out", out],
