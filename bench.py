@@ -35,8 +35,8 @@ import execution
 import model
 import sampling
 import tiny
-from simulate import (Operators, adamw, batch_sizes, random_prompts, simulate, simulate_rollout, step_weight_bytes,
-                      update)
+from simulate import (Operators, adamw, batch_sizes, counted_flops, random_prompts, simulate, simulate_rollout,
+                      step_weight_bytes, update)
 
 parser = argparse.ArgumentParser(description="Benchmark ETPO's rollout and update, or the environment.")
 parser.add_argument("--model", default=None, help="default: codellama-7b-arch on CUDA, tiny on CPU")
@@ -323,13 +323,14 @@ matmul_flops = (5 * forward_flops(P + T, T, 1) + forward_flops(P + T, T, 0) + 2 
 flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flops(P)
 with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula
     update(lm, optimizers, B, P, T)
-# On a CPU torch does not count the fused attention kernel, so its count must equal the matmul formula exactly; on
-# a GPU it counts attention too, as full S x S scores (no causal half) and a backward of 2.5 forwards.
-counted = counter.get_total_flops()
+# Its matmuls must equal the formula's exactly; it counts attention as full S x S scores (no causal half) with a
+# backward of 2.5 forwards, and on a CPU before torch 2.15 not at all (simulate.counted_flops).
+counted_matmuls, counted_attention = counted_flops(counter)
 row(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
     f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")
 row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {flops - matmul_flops:.4g}) "
-    f"| {counted:.4g} counted by torch.utils.flop_counter | |")
+    f"| matmuls {counted_matmuls:.4g}, attention {counted_attention:.4g} (full scores) counted by "
+    "torch.utils.flop_counter | |")
 
 # 3. what a transition keeps between the rollout and the update
 row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
