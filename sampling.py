@@ -58,9 +58,10 @@ def sample_ids(lm, prompt_ids, prompt_mask, adapter="policy", max_new_tokens=256
 
     cache="static" preallocates the keys and values of all P + max_new_tokens positions and writes each step's in
     place; a decode step's attention reads the filled slots only (P + T/2 of P + T on average over an action), a
-    CUDA graph's all of them. "dynamic" (transformers' default) concatenates each step's onto a copy of the whole
-    cache, which reads and writes every cached byte once more per token: at CodeLlama-7B, B = 32 and P = 512 that
-    is ~17 GB per step, more than the 13.5 GB of weights (bench.py measures both).
+    CUDA graph's all of them (and on transformers 4.x, see cached_forward). "dynamic" (transformers' default)
+    concatenates each step's onto a copy of the whole cache, which reads and writes every cached byte once more per
+    token: at CodeLlama-7B, B = 32 and P = 512 that is ~17 GB per step, more than the 13.5 GB of weights (bench.py
+    measures both).
 
     cuda_graph=True (static cache, CUDA, transformers 5) replays one recorded decode step for every further token
     (graph_step): thousands of kernel launches and their Python become one launch. Not yet run on a GPU as of this
@@ -134,7 +135,8 @@ def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
     (rows, V) after ids (rows, n), whose keys and values go into the cache's slots start .. start + n - 1.
     mask (rows, slots), 1 = attend: the caller marks each slot once it is filled. With the static cache a decode
     step reads the filled slots 0 .. start only: the cache hands attention views of those (transformers' own update
-    returns every slot) and the mask covers the same ones. A prefill, and a CUDA graph's step, read every slot."""
+    returns every slot) and the mask covers the same ones. A prefill, a CUDA graph's step and a step on transformers
+    4.x read every slot."""
     from transformers import DynamicCache, StaticCache
 
     static = cache == "static"
@@ -167,7 +169,9 @@ def cached_forward(lm, mask, rows, cache="static", cuda_graph=False):
         seen = mask if static else mask[:, : start + n]  # a prefill into a static cache: a mask of all its slots
         read = mask.shape[1]
         if static and n == 1:  # a decode step: the new token sees exactly the filled slots 0 .. start
-            read = read if cuda_graph else start + 1  # (a CUDA graph reads them all: its shapes are fixed)
+            # (a CUDA graph reads them all: its shapes are fixed; so does transformers 4.x, whose attention makes
+            # every key and value tensor contiguous, which would copy a view of the filled slots at every step)
+            read = read if cuda_graph or explicit_slots else start + 1
             seen = seen[:, None, None, :read].bool()  # handed over as (B, 1, 1, read): ~9 kernels fewer a step
         out = lm.hf(input_ids=ids, attention_mask=seen, position_ids=positions, use_cache=True, logits_to_keep=1,
                     **{cache_argument: kv}, **slots)

@@ -180,8 +180,8 @@ class OperatorsByModule(Operators):
 
 def counted_flops(counter):
     """(matmuls, attention): the FLOPs a torch.utils.flop_counter.FlopCounterMode counted, split by operator. It
-    counts a fused attention kernel as full S x S scores (no causal half) and its backward as 2.5 forwards; the CPU
-    kernel only from torch 2.15 on (torch 2.4 to 2.13 leave it out), the GPU's in every version."""
+    counts a fused attention kernel as full S x S scores (no causal half) and its backward as 2.5 forwards: the GPU's,
+    and the CPU's in torch 2.15 (torch 2.4 and 2.13 leave that one out)."""
     by_operator = counter.get_flop_counts()["Global"]  # {aten operator: FLOPs}
     attention = sum(flops for operator, flops in by_operator.items() if "attention" in str(operator))
     return counter.get_total_flops() - attention, attention

@@ -88,8 +88,9 @@ def phi3_dir(tmp_path_factory):
 @pytest.fixture
 def full_temporary_folder():
     """A sitecustomize module (put first on PYTHONPATH) under which the sandbox cannot create its folder, as when
-    the temporary folder's disk is full."""
+    the temporary folder's disk is full. (mkdtemp's own signature: Python 3.10's TemporaryDirectory passes the prefix
+    by position.)"""
     return ("import errno\nimport os\nimport tempfile\n\nmkdtemp = tempfile.mkdtemp\n\n\n"
-            "def full(*args, prefix=None, **kwargs):\n    if prefix == 'etpo-sandbox-':\n"
+            "def full(suffix=None, prefix=None, dir=None):\n    if prefix == 'etpo-sandbox-':\n"
             "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-            "    return mkdtemp(*args, prefix=prefix, **kwargs)\n\n\ntempfile.mkdtemp = full\n")
+            "    return mkdtemp(suffix, prefix, dir)\n\n\ntempfile.mkdtemp = full\n")
