@@ -324,7 +324,7 @@ flops = matmul_flops + (6 + 2 * 2) * attention_flops(P + T) + 3 * attention_flop
 with FlopCounterMode(display=False) as counter:  # torch's own count of the same update, to check the formula
     update(lm, optimizers, B, P, T)
 # Its matmuls must equal the formula's exactly; it counts attention as full S x S scores (no causal half) with a
-# backward of 2.5 forwards, and on a CPU before torch 2.15 not at all (simulate.counted_flops).
+# backward of 2.5 forwards, on a CPU only in torch 2.15 (not in 2.4 or 2.13; simulate.counted_flops).
 counted_matmuls, counted_attention = counted_flops(counter)
 row(f"| update B={B} P={P} T={T} | {seconds * 1e3:,.0f} ms | {flops / seconds / peak_flops:.0%} MFU "
     f"({flops / seconds / 1e12:.1f} TFLOP/s) | {peak} |")

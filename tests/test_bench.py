@@ -53,7 +53,7 @@ def test_model_benchmark_on_cpu():
     assert matmuls == counted
     # torch counts attention as full S x S scores, 4 B L S^2 d a forward, and a backward as 2.5 forwards: 6 forwards
     # and 2 backwards over S = P + T, 3 forwards over the next prompt (tiny: L = 2 layers, d = 96); the CPU kernel
-    # only from torch 2.15 on
+    # in torch 2.15, not in 2.4 or 2.13
     full_scores = 4 * 2 * 2 * 96 * ((6 + 2 * 2.5) * (32 + 16) ** 2 + 3 * 32**2)
     assert attention in ("0", f"{full_scores:.4g}")
     # per transition: prompt ids (32 x 4 bytes, int32) and mask (32 x 1, bool), tokens (16 x 8, int64), mask
