@@ -47,6 +47,7 @@ import weakref
 import numpy as np
 
 
+MEMORY_MB = 4096  # each program's address-space cap, by default (Sandbox's memory_mb)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a cluster stopping the job, Slurm's warning
 # before it does (sbatch --signal=B:USR1@600): train.py finishes its iteration on each, and the sandbox ignores them
 
@@ -269,7 +270,7 @@ def _serve():
     sys.dont_write_bytecode = True
     probe = os.fork()  # a child tries a memory limit, so that the server itself stays unlimited
     if probe == 0:
-        os._exit(0 if _limit_memory(4096) else 1)
+        os._exit(0 if _limit_memory(MEMORY_MB) else 1)
     if os.waitpid(probe, 0)[1] != 0:  # (on stderr, which is the trainer's)
         print("warning: this system refuses a memory limit for the generated programs (setrlimit RLIMIT_AS; macOS "
               "does): a program that allocates too much memory can slow the whole machine; the time limits still "
@@ -324,7 +325,7 @@ def usable_cores():
 class Sandbox:
     """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
 
-    def __init__(self, workers=None, memory_mb=4096):
+    def __init__(self, workers=None, memory_mb=MEMORY_MB):
         self.workers, self.memory_mb = workers or usable_cores(), memory_mb
         self.proc, self.root, self.sent, self.cache = None, None, set(), {}
 
