@@ -32,7 +32,6 @@ import json
 import os
 import pickle
 import random
-import resource
 import select
 import shutil
 import signal
@@ -43,6 +42,12 @@ import tempfile
 import time
 import traceback
 import weakref
+
+try:
+    import resource  # the programs' limits, which only POSIX systems set
+except ImportError:  # Windows: one sentence here, where train.py, eval.py and bench.py all arrive (through env.py)
+    sys.exit("error: the sandbox forks its programs and sets POSIX process limits, which Windows lacks: run etpo in "
+             "WSL 2 (Linux on Windows), or on Linux or macOS")
 
 import numpy as np
 

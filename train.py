@@ -24,7 +24,6 @@ episode's step limit) so that GAE has episodes to run over; ETPO needs one.
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -226,6 +225,7 @@ try:  # before the model loads, too
 except OSError as e:
     fail(f"cannot create the run folder {out} ({e.strerror}): pass another --out")
 try:
+    import fcntl  # here, not above: Windows lacks it, and `import env` has already ended a run there in one sentence
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     fail(f"another train.py is writing to {out}: wait for it to end, or pass another --out")
