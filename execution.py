@@ -17,11 +17,12 @@ working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stde
 one BLAS/OpenMP thread, fixed random seeds and string hashes (so a set prints in the same order in every run:
 scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook that refuses to
 open, create, delete or rename files outside the scratch directory. The trainer talks to the server through a pipe
-with a deadline and restarts it if it dies; the server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which
-the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT
-protect against deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a process that
-calls setsid leaves the process group, reading files and using the network are allowed. Run untrusted models in a
-container or VM if that matters to you.
+with a deadline and restarts it if it dies; a server whose trainer dies kills its programs, removes their folders and
+exits at once. The server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which the trainer answers by
+finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect against
+deliberate escapes: native code (ctypes) and subprocesses bypass the audit hook, a process that calls setsid leaves
+the process group, reading files and using the network are allowed. Run untrusted models in a container or VM if that
+matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -218,8 +219,9 @@ def _finish(status, timed_out, raw, scratch, job):
     return reward, error
 
 
-def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
-    """Fork up to `workers` children at a time; kill each process group at exit or timeout; never wait on EOF."""
+def _run_jobs(jobs, datasets, workers, memory_mb, trainer, max_output=4 << 20):
+    """Fork up to `workers` children at a time; kill each process group at exit or timeout; never wait on EOF.
+    None if the trainer (pid `trainer`) died meanwhile: the programs still running are killed, not waited for."""
     pending, running, results = list(enumerate(jobs)), {}, [None] * len(jobs)
     server_pid = os.getpid()
     while pending or running:
@@ -234,11 +236,12 @@ def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
             os.close(w)
             os.set_blocking(r, False)
             running[pid] = (i, job, r, scratch, time.monotonic(), bytearray())
+        orphaned = os.getppid() != trainer  # the trainer died (killed, say, by the system running out of memory)
         for pid, (i, job, r, scratch, start, buf) in list(running.items()):
             _drain(r, buf)
             done_pid, status = os.waitpid(pid, os.WNOHANG)
             timed_out = not done_pid and time.monotonic() - start > job["timeout"]
-            if not done_pid and not timed_out:
+            if not done_pid and not timed_out and not orphaned:
                 continue
             for kill in (os.killpg, os.kill):  # the group: children the program left running die with it
                 try:
@@ -252,6 +255,8 @@ def _run_jobs(jobs, datasets, workers, memory_mb, max_output=4 << 20):
             results[i] = _finish(status, timed_out, bytes(buf), scratch, job)
             shutil.rmtree(scratch, ignore_errors=True)
             del running[pid]
+        if orphaned:
+            return None
         time.sleep(0.005)
     return results
 
@@ -267,8 +272,10 @@ def _drain(fd, buf, limit=1 << 16):
         buf.extend(chunk)
 
 
-def _serve():
-    """The server: import scikit-learn once, then answer requests (length-prefixed pickles) from the trainer."""
+def _serve(root):
+    """The server: import scikit-learn once, then answer requests (length-prefixed pickles) from the trainer. When
+    the trainer dies (killed by the system's out-of-memory killer, or by a cluster after its SIGTERM), the server
+    kills its programs, removes the scratch folder `root` and exits, without a traceback in the run's log."""
     import sklearn.ensemble, sklearn.linear_model, sklearn.metrics, sklearn.model_selection  # noqa: E401,F401
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
@@ -287,13 +294,21 @@ def _serve():
         signal.signal(sig, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
-    datasets = {}
-    while True:
-        request = _recv(inp)
-        if request is None:
-            return
-        datasets.update(request["datasets"])
-        _send(out, _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"]))
+    datasets, trainer = {}, os.getppid()
+    try:
+        while True:
+            request = _recv(inp)
+            if request is None:  # the trainer closed the pipe: it ended, or died between batches
+                return
+            datasets.update(request["datasets"])
+            results = _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"], trainer)
+            if results is None:  # it died mid-batch
+                return
+            _send(out, results)
+    except BrokenPipeError:  # it died as the results were sent
+        pass
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _send(f, obj):
@@ -346,8 +361,9 @@ class Sandbox:
         fixed["TMPDIR"] = self.root
         weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
         try:
-            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, env={**os.environ, **fixed}, start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", self.root],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **fixed},
+                                         start_new_session=True)
         except OSError as e:  # no process left to fork, or no memory for one: free space would not help
             raise SandboxError(f"the sandbox could not start its server process ({e.strerror or e})") from None
         self.sent = set()
@@ -407,5 +423,5 @@ def execute(source, dataset, timeout=60.0, heldout=False):
     return _SANDBOX.run([source], dataset, heldout=heldout, timeout=timeout)[0]
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
-    _serve()
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    _serve(sys.argv[2])

@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_env.py -q
 """
 
 import ast
+import contextlib
 import errno
 import os
 import resource
@@ -343,6 +344,40 @@ def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
         sb.close()
         if os.path.exists(shm):
             os.remove(shm)
+
+
+def test_a_trainer_killed_mid_batch_leaves_no_server_program_folder_or_traceback(tmp_path):
+    # the system's out-of-memory killer, or a cluster after its SIGTERM, kills the trainer with SIGKILL, so nothing
+    # of it runs: the server used to finish the batch (minutes of programs), then print a BrokenPipeError traceback
+    # into the run's log, where it read as the cause, and leave its scratch folder behind
+    sleeper = body("import os, time\nopen('started', 'w').write(str(os.getpid()))\ntime.sleep(300)")
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(f"""import sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import env, execution
+sb = execution.Sandbox(workers=1)
+sb._start()
+print(sb.root, sb.proc.pid, flush=True)
+sb.run([{sleeper!r}], env.load_dataset("iris"))
+""")
+    log = open(tmp_path / "log.txt", "w+")  # the run's log, which the server inherits as its stderr
+    p = subprocess.Popen([sys.executable, str(trainer)], stdout=subprocess.PIPE, stderr=log, text=True)
+    root, server = p.stdout.readline().split()
+    deadline, program = time.monotonic() + 60, []
+    while not program:  # until the program runs: its pid, in its scratch folder
+        assert time.monotonic() < deadline and p.poll() is None, open(log.name).read()
+        time.sleep(0.05)
+        with contextlib.suppress(OSError, ValueError):
+            program = [int(open(os.path.join(root, d, "started")).read()) for d in os.listdir(root)]
+    p.kill()
+    p.wait()
+    for _ in range(100):  # within 5 s, where the program would have slept on for 300
+        if not os.path.exists(root) and not _alive(server):
+            break
+        time.sleep(0.05)
+    assert not _alive(server) and not os.path.exists(root)
+    assert len(program) == 1 and not _alive(program[0])
+    assert "Traceback" not in open(log.name).read()
 
 
 def test_the_sandbox_runs_a_program_per_core_of_the_job_not_of_the_machine(monkeypatch):
