@@ -289,6 +289,26 @@ def test_bad_code_zoo(name, sandbox, iris):
     assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
 
 
+def test_n_jobs_minus_one_runs_in_the_programs_own_process(sandbox):
+    # n_jobs=-1, common in scikit-learn code, started a joblib worker process per core in every program: with a
+    # program per core, a process per core per core in all (~0.1 GB each). The program counts the processes of its
+    # group after a parallel grid search; the reward is the one n_jobs=1 gets.
+    code = """from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import GridSearchCV
+search = GridSearchCV(RandomForestClassifier(n_estimators=10, random_state=0), {'max_depth': [2, None]}, cv=3,
+                      n_jobs=JOBS).fit(x_train, y_train)
+if JOBS == -1:
+    import os
+    group = [p for p in os.listdir('/proc') if p.isdigit() and p != str(os.getpid())
+             and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[2] == str(os.getpgid(0))]
+    assert not group, f'{len(group)} other processes'
+return search"""
+    data = env.load_dataset("breast_cancer")
+    (parallel, error), (serial, _) = sandbox.run([body(code.replace("JOBS", "-1")), body(code.replace("JOBS", "1"))],
+                                                   data)
+    assert error is None and parallel == serial > 0.9
+
+
 def _alive(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
