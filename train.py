@@ -148,10 +148,14 @@ def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpo
 
 def replace_file(path, save):
     """Write a file of the run whole or not at all: save(f) writes PATH.tmp, which then replaces PATH (an atomic
-    rename), so a crash or a full disk never leaves half a checkpoint, half of metrics.jsonl or of best_code.py."""
+    rename), so a crash or a full disk never leaves half a checkpoint, half of metrics.jsonl or of best_code.py. The
+    bytes reach the disk before the rename: after a power cut or a node's crash PATH is the old file or the new one,
+    where a rename can otherwise reach the disk first and leave PATH empty."""
     try:
         with open(path + ".tmp", "wb") as f:
             save(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when a write fails
         could_not_write(path, e)

@@ -27,9 +27,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--dataset", "iris", "--max-new-tokens", "64", "--sample-every", "1"]
 
 
-def train(*args, timeout=600):
+def train(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+SYNC_LOG = """import os
+
+fsync, replace = os.fsync, os.replace
+
+
+def logged(line):
+    with open(os.environ["SYNC_LOG"], "a") as f:
+        f.write(line + "\\n")
+
+
+def logged_fsync(fd):
+    fsync(fd)
+    logged("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def logged_replace(src, dst, **kwargs):
+    logged(f"replace {src}")
+    replace(src, dst, **kwargs)
+
+
+os.fsync, os.replace = logged_fsync, logged_replace
+"""
 
 
 def metrics(out):
@@ -39,7 +63,11 @@ def metrics(out):
 
 def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     out = str(tmp_path / "run")
-    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out)
+    (tmp_path / "hook").mkdir()  # (a sitecustomize that logs os.fsync and os.replace, for the last assertion)
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SYNC_LOG)
+    log = tmp_path / "sync.log"
+    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out,
+              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), ROOT]), "SYNC_LOG": str(log)})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = metrics(out)
     assert [m["it"] for m in rows] == [0, 1] and rows[-1]["env_steps"] == 16
@@ -58,6 +86,12 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
         assert any(float(B.abs().sum()) > 0 for B in weights[name][1::2]), name
     if rows[-1]["env/auc_best"] > 0:
         assert open(os.path.join(out, "best_code.py")).read().startswith("# ROC AUC")
+    # every file the run replaced was on the disk before its rename: after a power cut, the old file or the new one
+    calls = log.read_text().splitlines()
+    replaced = [call[len("replace "):] for call in calls if call.startswith(f"replace {out}")]
+    assert {os.path.basename(path) for path in replaced} >= {"ckpt.pt.tmp", "metrics.jsonl.tmp"}
+    for path in replaced:
+        assert f"fsync {os.path.realpath(path)}" in calls[:calls.index(f"replace {path}")], path
 
 
 def test_ppo_kl_runs_through_the_same_loop(tmp_path):
