@@ -299,8 +299,14 @@ search = GridSearchCV(RandomForestClassifier(n_estimators=10, random_state=0), {
                       n_jobs=JOBS).fit(x_train, y_train)
 if JOBS == -1:
     import os
-    group = [p for p in os.listdir('/proc') if p.isdigit() and p != str(os.getpid())
-             and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[2] == str(os.getpgid(0))]
+
+    def group_of(pid):  # (None for a process of the machine's that ended meanwhile)
+        try:
+            return int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[2])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    group = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and group_of(p) == os.getpgid(0)]
     assert not group, f'{len(group)} other processes'
 return search"""
     data = env.load_dataset("breast_cancer")
