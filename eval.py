@@ -10,14 +10,16 @@ paper's "Reflection" column) and plain scikit-learn classifiers. The paper's ETP
 best reward found while training, within the run's environment steps: --runs reads it from train.py's run folders
 (and runs the held-out check on that program), so one table holds Reflection, PPO-KL, ETPO and the baselines.
 Extras: the perplexity of the reference and of the trained policy on a text file (the paper's table 3 check),
-learning curves from metrics.jsonl, and a per-token credit view of one program (Q, V, Q - V and the KL to the
-reference at every token).
+learning curves from metrics.jsonl, a per-token credit view of one program (Q, V, Q - V and the KL to the
+reference at every token), and --export, which writes the trained policy, merged into its base model, as a plain
+Hugging Face model folder.
 
     python eval.py --ckpt runs/cmc-CodeLlama-7b-hf-etpo/ckpt.pt --datasets cmc,credit_g --seeds 5 --steps 40
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
     python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
     python eval.py --runs RUN1,RUN2 --policies reference --steps 960   # table 2 (reference: the runs' base model)
     python eval.py --curves RUN1,RUN2 --plot curves.png     # learning curves alone (needs matplotlib)
+    python eval.py --ckpt RUN/ckpt.pt --export policy-model  # the policy as a plain Hugging Face model folder
 """
 
 import argparse
@@ -61,6 +63,8 @@ parser.add_argument("--out", default="eval", help="folder for table.md, results.
 parser.add_argument("--perplexity", default=None, help="a text file: perplexity of the reference and the policy")
 parser.add_argument("--credit", action="store_true", help="per-token Q, V, Q - V and KL of one program (ETPO)")
 parser.add_argument("--curves", default=None, help="comma-separated run folders to plot (needs matplotlib)")
+parser.add_argument("--export", default=None, help="a new folder: write --ckpt's policy, merged into its base model, "
+                    "as a plain Hugging Face model, and evaluate nothing")
 parser.add_argument("--plot", default=None, help="PNG path for --curves (default OUT/curves.png)")
 LAST_STEPS = 160  # a training run's first-attempt reward: the mean over its iterations within its last this many
 # environment steps, a window of the same length for every algorithm (with the tiny preset: ETPO's last 5 iterations
@@ -310,9 +314,27 @@ def check_arguments(args):
     return text
 
 
+def export(args):
+    """--export: the trained policy as a model of its own (model.save_merged), for use without this code."""
+    if not args.ckpt:
+        sys.exit("error: --export needs --ckpt RUN/ckpt.pt, the run whose policy to write")
+    if os.path.exists(args.export) and (not os.path.isdir(args.export) or os.listdir(args.export)):
+        sys.exit(f"error: {args.export} exists and is not an empty folder: pass a new folder to --export")
+    lm, _ = load_policy(args)
+    try:
+        model.save_merged(lm, "policy", args.export)
+    except OSError as e:  # a full disk, a folder that cannot be created
+        sys.exit(f"error: could not write the model to {args.export} ({e.strerror or e}): free some space, or pass "
+                 "another folder to --export")
+    print(f"wrote the policy of {args.ckpt} ({lm.name} with its adapter merged) to {args.export}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({args.export!r})")
+
+
 def main():
     args = parser.parse_args()
     text = check_arguments(args)
+    if args.export:
+        return export(args)
     made_out = not os.path.exists(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)

@@ -11,8 +11,8 @@ What a reader finds here, top to bottom:
 1. LoRA written out: y = W x + (alpha / r) * B A x with B = 0 at init (Hu et al., arXiv 2106.09685).
 2. AdapterLM: choose an adapter with `with lm.adapter("q"):`, logits at the action positions only (LM head in
    float32; rows with one prompt run it once), prompts encoded and actions decoded, save / load adapters without
-   the base weights; torch's fused RMSNorm in place of transformers'. Sampling actions, with a KV cache, is
-   sampling.py's.
+   the base weights, or save one merged into them (save_merged); torch's fused RMSNorm in place of transformers'.
+   Sampling actions, with a KV cache, is sampling.py's.
 3. Presets: any Hugging Face model id or path (default codellama/CodeLlama-7b-hf; offline, a cached one loads at
    once), `tiny` (tiny.py: built offline and warm-started on a small corpus of scikit-learn code, so a CPU run has
    signal), `codellama-7b-arch` (CodeLlama-7B's exact shapes with random weights, for benchmarks without a
@@ -283,6 +283,28 @@ class AdapterLM(nn.Module):
 
     def load_adapters(self, path):
         self.load_adapter_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def save_merged(lm, adapter, path):
+    """Write the base model with one adapter folded into its weights as a plain Hugging Face model folder (config,
+    safetensors weights, tokenizer), which transformers' from_pretrained, and any tool that reads such a folder,
+    loads as the trained policy without this code. Each adapted projection's weight becomes W + (alpha / r) B A,
+    computed in float32 and rounded once to the base's dtype (bf16 on a GPU: the merged model then differs from
+    base + adapter by that rounding); its LM head runs in that dtype too, where AdapterLM.head runs in float32."""
+    lora = {name: module for name, module in lm.hf.named_modules() if isinstance(module, LoRALinear)}
+    state = {}
+    for key, tensor in lm.hf.state_dict().items():
+        module, kind, leaf = key.rsplit(".", 2) if key.count(".") >= 2 else ("", "", key)
+        if module not in lora:
+            state[key] = tensor
+        elif kind == "base":  # the frozen linear layer's own weight and bias, under its own name again
+            state[f"{module}.{leaf}"] = tensor  # (A.<adapter> and B.<adapter>, the adapters, are left out)
+    with torch.no_grad():
+        for name, layer in lora.items():
+            W, A, B = layer.base.weight, layer.A[adapter], layer.B[adapter]
+            state[f"{name}.weight"] = (W.float() + layer.scale * B @ A).to(W.dtype)  # W + (alpha / r) B A
+    lm.hf.save_pretrained(path, state_dict=state)
+    lm.tokenizer.save_pretrained(path)
 
 
 def rows_by_prompt(prompts):

@@ -3,8 +3,8 @@ eval.py on the tiny model: the table has a row per dataset plus the average and 
 numbers in range; the CSV holds every seed; the perplexity of the reference on its own samples is finite,
 reproducible and lower than on the same words shuffled; the per-token credit view renders; --runs reports a
 training run's best reward, the held-out AUC of its best program, its success rate and its last first attempts' reward,
-as the paper's ETPO column. A bad checkpoint, flag value or path, and running out of GPU memory, end with one
-sentence. (That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
+as the paper's ETPO column; --export writes the policy as a plain Hugging Face model with the adapter's logits. A
+bad checkpoint, flag value or path, and running out of GPU memory, end with one sentence. (That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
 
 Run: python -m pytest tests/test_eval.py -q
 """
@@ -269,3 +269,37 @@ def test_a_ctrl_c_mid_way_keeps_the_runs_finished_in_the_tables(tmp_path):
     assert [(row["dataset"], row["method"], row["seed"]) for row in rows] == [("iris", "reference", "0")]
     best = (out / "table.md").read_text().split("\n\n")[0].splitlines()
     assert best[3].startswith(f"| iris | {float(rows[0]['best_auc']):.4f} ± 0.0000 | - |")
+
+
+def test_export_writes_the_policy_as_a_plain_hugging_face_model(ckpt, tmp_path):
+    import model
+    import tiny
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "policy-model"
+    r = run("eval.py", "--ckpt", ckpt, "--export", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"wrote the policy of {ckpt}") and " seed " not in r.stdout
+    # transformers alone loads it: the base's weights under their own names, no adapter left in them
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    lm = model.from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False)["adapters"], "cpu")
+    assert keys == set(tiny.build()[0].state_dict())  # the tiny model's, as built (before any LoRA wrapping)
+    hf, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    prompts = ["# Dataset: iris\n\ndef build_model(x_train, y_train):\n", "x = 1"]
+    assert [tok(p).input_ids for p in prompts] == [lm.tokenizer(p).input_ids for p in prompts]
+    # and its logits are those of the base with the trained policy adapter, not the reference's
+    ids, mask = lm.encode_prompts(prompts)
+    with torch.no_grad():
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        merged = hf(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits[:, -1]
+        with lm.adapter("policy"):
+            policy = lm.last_logits(ids, mask)
+        with lm.adapter(None):
+            reference = lm.last_logits(ids, mask)
+    assert (merged - policy).abs().max() < 1e-4 < (merged - reference).abs().max()
+    # a folder that holds files is not written over; without a checkpoint there is no policy to write
+    for flags, phrase in ((["--ckpt", ckpt], "exists and is not an empty folder"), ([], "--export needs --ckpt")):
+        r = run("eval.py", *flags, "--export", str(out))
+        assert r.returncode != 0 and "Traceback" not in r.stderr and phrase in r.stderr.strip().splitlines()[-1]

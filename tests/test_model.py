@@ -155,7 +155,7 @@ def test_another_architecture_names_its_layers_and_then_runs_the_same_code(phi3_
 
 
 @pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3", "Gemma"])
-def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellama_like):
+def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellama_like, tmp_path):
     import transformers
 
     _, tok = codellama_like  # its tokenizer
@@ -167,6 +167,18 @@ def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellam
     assert len(lm.layers) == 7  # every projection of the one block
     batch = some_actions(lm)
     assert torch.allclose(lm.action_logits(*batch), expected_action_logits(lm, batch), atol=1e-5)
+    # the policy merged into the base (eval.py --export) loads as a plain model of this architecture with the same
+    # logits: Qwen2's q, k and v projections carry a bias, Gemma ties its LM head to the embeddings
+    with torch.no_grad():
+        for p in lm.adapter_params("policy")[1::2]:
+            p.normal_(0, 0.05)
+        model.save_merged(lm, "policy", tmp_path)
+        merged = getattr(transformers, f"{arch}ForCausalLM").from_pretrained(tmp_path).eval()
+        ids, mask = lm.encode_prompts(PROMPTS[:2])
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = merged(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits[:, -1]
+        with lm.adapter("policy"):
+            assert torch.allclose(logits, lm.last_logits(ids, mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("most", [2, 8])
