@@ -4,7 +4,8 @@ numbers in range; the CSV holds every seed; the perplexity of the reference on i
 reproducible and lower than on the same words shuffled; the per-token credit view renders; --runs reports a
 training run's best reward, the held-out AUC of its best program, its success rate and its last first attempts' reward,
 as the paper's ETPO column; --export writes the policy as a plain Hugging Face model with the adapter's logits. A
-bad checkpoint, flag value or path, and running out of GPU memory, end with one sentence. (That the held-out AUC uses rows the reward never sees is tested in tests/test_env.py.)
+bad checkpoint, flag value or path, and running out of GPU memory, end with one sentence. (That the held-out AUC
+uses rows the reward never sees is tested in tests/test_env.py.)
 
 Run: python -m pytest tests/test_eval.py -q
 """
