@@ -15,6 +15,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: one of the eight longest tests (16 to 75 s each alone on 2 cores); "
+                                       "-m 'not slow' leaves them out")
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: with -n 2 each worker takes its share of them at the start, where a slow test collected
+    last (the CPU demo's is in the last file) kept one worker busy while the other sat idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in the files' order
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """RUN/ckpt.pt of 16 environment steps of ETPO with the tiny model on iris (the tests only read it). Trained

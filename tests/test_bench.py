@@ -70,6 +70,7 @@ def test_model_benchmark_on_cpu():
         assert "Self CPU time total" in table and "aten::mm" in table.split("Self CPU time total")[0]
 
 
+@pytest.mark.slow
 def test_environment_and_sampling_benchmarks():
     out = bench("--env", "iris")
     assert re.search(r"\| iris \| 16 \| \d+ \| 2 \| [\d.]+ \| [\d.]+ \|", out)

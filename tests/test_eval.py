@@ -196,6 +196,7 @@ def test_perplexity_of_the_reference_on_its_own_samples():
     assert evaluation.perplexity(lm, None, " ".join(words)) > first
 
 
+@pytest.mark.slow
 def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path, full_temporary_folder):
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", "--n-envs", "4",
             "--max-new-tokens", "48", "--out", str(tmp_path / "e"))

@@ -25,6 +25,7 @@ def run_simulate(*args):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_memory_simulation_matches_real_tensors():
     import transformers
 

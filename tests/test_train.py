@@ -94,6 +94,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
         assert f"fsync {os.path.realpath(path)}" in calls[:calls.index(f"replace {path}")], path
 
 
+@pytest.mark.slow
 def test_ppo_kl_runs_through_the_same_loop(tmp_path):
     out = str(tmp_path / "ppo")
     r = train(*TINY, "--algo", "ppo_kl", "--n-envs", "4", "--rollout-steps", "2", "--steps", "16", "--out", out)
@@ -114,6 +115,7 @@ def test_ppo_kl_runs_through_the_same_loop(tmp_path):
     assert all(math.isfinite(m["loss/pi"]) for m in metrics(str(tmp_path / "one")))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     whole, half = str(tmp_path / "whole"), str(tmp_path / "half")
     common = [*TINY, "--n-envs", "8", "--seed", "3"]
@@ -161,6 +163,7 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path):
     assert len(metrics(str(tmp_path / "run"))) == 1  # the whole run: 4 environment steps of 4 episodes
 
 
+@pytest.mark.slow
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
     # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop
     hook = ("import os\nimport torch\nimport model\nimport sampling\n\n\ndef out_of_memory(*args, **kwargs):\n"
@@ -336,6 +339,7 @@ def test_a_second_ctrl_c_quits_at_once_with_one_sentence(tmp_path):
     assert half.parent.exists() and not half.exists() and not (tmp_path / "run" / "ckpt.pt").exists()  # no half
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path):
     out = str(tmp_path / "run")
     ckpt, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "metrics.jsonl")
@@ -369,6 +373,7 @@ def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_ru
     assert [m["it"] for m in metrics(out)] == [0, 1] and torch.load(ckpt, weights_only=False)["it"] == 2
 
 
+@pytest.mark.slow
 def test_the_cpu_demo_raises_the_reward_of_first_attempts(tmp_path):
     # the README's CPU demo as a user runs it (30 iterations of 32 episodes). A CPU of another make, or another
     # transformers release, rounds differently and so samples other tokens from the first iteration on: what carries
