@@ -292,19 +292,16 @@ def save_merged(lm, adapter, path):
     computed in float32 and rounded once to the base's dtype (bf16 on a GPU: the merged model then differs from
     base + adapter by that rounding); its LM head runs in that dtype too, where AdapterLM.head runs in float32."""
     lora = {name: module for name, module in lm.hf.named_modules() if isinstance(module, LoRALinear)}
-    state = {}
-    for key, tensor in lm.hf.state_dict().items():
-        module, kind, leaf = key.rsplit(".", 2) if key.count(".") >= 2 else ("", "", key)
-        if module not in lora:
-            state[key] = tensor
-        elif kind == "base":  # the frozen linear layer's own weight and bias, under its own name again
-            state[f"{module}.{leaf}"] = tensor  # (A.<adapter> and B.<adapter>, the adapters, are left out)
+    # every tensor but those of the adapted layers (NAME.base.weight, NAME.A.<adapter>, NAME.B.<adapter>) ...
+    state = {key: tensor for key, tensor in lm.hf.state_dict().items() if key.rsplit(".", 2)[0] not in lora}
     with torch.no_grad():
-        for name, layer in lora.items():
+        for name, layer in lora.items():  # ... which become plain linear layers again, NAME.weight (and NAME.bias)
             W, A, B = layer.base.weight, layer.A[adapter], layer.B[adapter]
             # W + (alpha / r) B A, kept in host memory: a second copy of every projection would not fit on the GPU
             # beside the model on a 24 GB card (13.5 + 13 GB for CodeLlama-7B)
             state[f"{name}.weight"] = (W.float() + layer.scale * B @ A).to(W.dtype).cpu()
+            if layer.base.bias is not None:  # Qwen2's q, k and v, say
+                state[f"{name}.bias"] = layer.base.bias
     lm.hf.save_pretrained(path, state_dict=state)
     lm.tokenizer.save_pretrained(path)
 
