@@ -12,7 +12,7 @@ import sys
 # Set before torch loads its OpenMP runtime, which reads it then; the training runs the tests start inherit it. With
 # -n 2 two processes, each with 2 OpenMP threads, share 2 cores, and GNU OpenMP's threads spin while they wait by
 # default, on the core the other process needs. Waiting passively changes no result (the same threads split the
-# same work): the whole suite took 7 min 19 s (12.5 min of CPU) where it took 9.5 to 11.5 (17 to 21.5 of CPU).
+# same work): the whole suite took 7 min 19 s (12.5 min of CPU) where it took 9 to 11.5 minutes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
