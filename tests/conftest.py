@@ -27,8 +27,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first: with -n 2 each worker takes its share of them at the start, where a slow test collected
-    last (the CPU demo's is in the last file) kept one worker busy while the other sat idle."""
+    """The slow tests first, longest-first scheduling: with -n 2 the workers share them at the start, so that no
+    slow test collected last (the CPU demo's is in the last file) can keep one worker busy after the other is done.
+    (Single runs of the suite vary too much to show what this saves.)"""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in the files' order
 
 
