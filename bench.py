@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -228,6 +229,9 @@ V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
 weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf.parameters())  # base and all adapters
 step_bytes = step_weight_bytes(lm)  # what a decode step reads of them: the base and the policy adapter
 linear_params = sum(layer.base.weight.numel() for layer in lm.layers)  # every projection of every block
+# what a record in BENCHMARKS.md needs beside the figures: the command, the date and the versions
+print(f"python {' '.join(sys.argv)}  # {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, transformers "
+      f"{transformers.__version__}, Python {sys.version.split()[0]}")
 print(f"{name} on {torch.cuda.get_device_name() if cuda else 'CPU'}: {weight_bytes / 1e9:.3g} GB of weights "
       f"({step_bytes / 1e9:.3g} GB read per decode step), "
       f"matmul {peak_flops / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s (measured)"

@@ -28,6 +28,9 @@ def bench(*args):
 def test_model_benchmark_on_cpu():
     out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1",
                 "--profile")
+    # the record's provenance comes first: the command, the date and the versions
+    assert re.search(r"^python bench.py --batch 2 .* --profile  # \d{4}-\d\d-\d\d, torch \S+, transformers \S+, "
+                     r"Python 3\.\d+", out, re.M)
     assert re.search(r"\| rollout B=2, static cache \| [\d,]+ tok/s", out)
     assert re.search(r"\| rollout B=2, dynamic cache \| [\d,]+ tok/s", out)
     moved = {}
