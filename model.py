@@ -32,6 +32,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import DataDependentOutputException
 
 import env
 import tiny
@@ -171,10 +172,17 @@ class AdapterLM(nn.Module):
         prompt's. Same logits, fewer tokens: 8 rows of one 512-token prompt with 256-token actions are 2,560 tokens
         instead of 6,144. At most rows_per_sequence(...) rows share a sequence (a longer one costs more attention
         than it saves). Without prompts every row is its own sequence.
+
+        Each forward drops the left padding that all of its sequences have: a batch is padded to its longest prompt
+        (a reflection prompt quotes a program and its error), which the shared task prompt need not carry along.
         """
         B, P = prompt_ids.shape
         T = tokens.shape[1]
         most = rows_per_sequence(self.hf.config, P, T)
+        try:
+            prompt_lengths = prompt_mask.sum(1).tolist()  # (B,) real prompt tokens of each row: one read-back
+        except DataDependentOutputException:  # a tensor without values (simulate.py's fake tensors): drop none
+            prompt_lengths = [P] * B
         by_size = {}  # k -> the groups of k rows; one forward per k, so that no sequence is padded
         for rows in rows_by_prompt(prompts if prompts is not None else range(B)):
             count = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows each
@@ -182,18 +190,19 @@ class AdapterLM(nn.Module):
                 by_size.setdefault(len(group), []).append(group)
         order, hidden = [], []
         for k, groups in by_size.items():
-            S = P + k * T
+            P_k = max(1, max(prompt_lengths[group[0]] for group in groups))  # the longest prompt of this forward
+            S = P_k + k * T
             index = torch.tensor(groups, device=self.device)  # (n, k) n sequences of k rows
             first = index[:, 0]  # (n,) the row whose prompt the sequence shares
-            ids = torch.cat([prompt_ids[first], tokens[index].flatten(1)], dim=1)  # (n, S)
-            real = torch.cat([prompt_mask[first], action_mask[index].flatten(1)], dim=1).bool()  # (n, S) no padding
-            counted = prompt_mask[first].long().cumsum(1)  # (n, P) real prompt tokens so far; the last: all of them
+            ids = torch.cat([prompt_ids[first, P - P_k :], tokens[index].flatten(1)], dim=1)  # (n, S)
+            real = torch.cat([prompt_mask[first, P - P_k :], action_mask[index].flatten(1)], dim=1).bool()  # (n, S)
+            counted = prompt_mask[first, P - P_k :].long().cumsum(1)  # (n, P_k) real prompt tokens so far
             positions = torch.cat([(counted - 1).clamp(min=0),  # left padding does not shift positions
                                    counted[:, -1:] + torch.arange(T, device=self.device).repeat(k)], dim=1)  # (n, S)
             if k == 1:  # one action: the padding mask (n, S), from which transformers builds the causal one
                 mask = real.long()
             else:  # query i sees key j if j <= i, j is no padding, and j is in the prompt or in i's own action
-                part = torch.tensor([0] * P + [m + 1 for m in range(k) for _ in range(T)], device=self.device)  # (S,)
+                part = torch.tensor([0] * P_k + [m + 1 for m in range(k) for _ in range(T)], device=self.device)
                 i = torch.arange(S, device=self.device)
                 sees = (i[:, None] >= i[None]) & ((part[None] == 0) | (part[:, None] == part[None]))  # (S, S)
                 # and every query sees itself, so that a padding query has a key (a row of -inf softmaxes to NaN)
@@ -202,7 +211,7 @@ class AdapterLM(nn.Module):
                 mask = torch.zeros_like(sees, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)[:, None]
             out = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                         use_cache=False).last_hidden_state  # (n, S, H)
-            take = [[P - 1] + [P + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) predict w^1..w^T
+            take = [[P_k - 1] + [P_k + m * T + j for j in range(T - 1)] for m in range(k)]  # (k, T) w^1..w^T
             hidden.append(out[:, torch.tensor(take, device=self.device)].flatten(0, 1))  # (n k, T, H)
             order += [row for group in groups for row in group]
         hidden = torch.cat(hidden)[torch.tensor(order, device=self.device).argsort()]  # (B, T, H) in row order

@@ -40,12 +40,13 @@ import sampling
 
 
 def random_prompts(lm, B, P, padded=False):
-    """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) + 1 pad positions, as prompts
-    of different lengths are left-padded in training (the model then builds its attention mask, as in training)."""
+    """Random prompt ids (B, P) and their mask. padded: row b starts with b % (P - 1) pad positions, as prompts of
+    different lengths are left-padded to the longest in training (the model then builds its attention mask, as in
+    training)."""
     ids = torch.randint(3, lm.hf.config.vocab_size, (B, P), dtype=torch.int32, device=lm.device)  # 0-2 are special
     if not padded:  # int32 and bool, as AdapterLM.encode_prompts returns them
         return ids, torch.ones_like(ids, dtype=torch.bool)
-    pads = torch.arange(B, device=lm.device) % (P - 1) + 1  # (B,)
+    pads = torch.arange(B, device=lm.device) % (P - 1)  # (B,) row 0 has none: P is the longest prompt
     mask = torch.arange(P, device=lm.device)[None] >= pads[:, None]  # (B, P)
     return ids * mask, mask
 

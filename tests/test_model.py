@@ -221,10 +221,13 @@ def test_rows_with_one_prompt_share_its_forward_with_the_same_logits_and_gradien
     for a, b in zip(alone_grads, shared_grads):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()  # float32 sums in another order (~1e-6 here)
     # alone: 6 sequences of P + T; shared: the first prompt's rows as 2 + 1 (most 2) or 3 (most 8), the second's as
-    # 2, the third alone
+    # 2, the third alone. One forward runs the sequences of k rows, without the left padding they all have: with
+    # most 8 the second and the third prompt's sequences are shorter than the first prompt's P (the batch's longest)
+    n = prompt_mask.sum(1).tolist()  # real prompt tokens of each row
+    assert n[0] == P and n[1] < P and n[3] < P
     assert sum(seen[:1]) == 6 * (P + T)
-    sequences = [2, 1, 2, 1] if most == 2 else [3, 2, 1]
-    assert sum(seen[1:]) == sum(P + k * T for k in sequences)
+    forwards = [(2, 2, P), (2, 1, P)] if most == 2 else [(1, 3, P), (1, 2, n[1]), (1, 1, n[3])]  # (sequences, k, P_k)
+    assert seen[1:] == [count * (P_k + k * T) for count, k, P_k in forwards]
 
 
 def test_rows_with_one_prompt_share_the_value_forward_with_the_same_values_and_gradients():
