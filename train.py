@@ -306,10 +306,11 @@ for sig in execution.STOP_SIGNALS:
 
 
 @contextlib.contextmanager
-def gpu_advice(stage):
+def gpu_advice(stage, prompt_tokens=None):
     """A CUDA out-of-memory error, or with --cuda-graph any error in the rollout (its graph has been checked on the
     CPU, not yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk
-    (written only between iterations) is left as it was."""
+    (written only between iterations) is left as it was. prompt_tokens: the batch's longest prompt, which the
+    update's memory grows with."""
     resume = resume_command()
     try:
         yield
@@ -320,8 +321,9 @@ def gpu_advice(stage):
             advice = f"continue from the last checkpoint with {resume} --checkpointing"
         else:
             advice = "start again with --checkpointing"
-        fail(f"the GPU ran out of memory in {stage} at B = {batch}: {advice} (README, 'Memory, simulated', "
-             "gives the peak by batch size)")
+        prompts = f" with prompts of up to {prompt_tokens} tokens" if prompt_tokens else ""
+        fail(f"the GPU ran out of memory in {stage} at B = {batch}{prompts}: {advice} (README, 'Memory, simulated', "
+             "gives the peak by batch size and prompt length)")
     except Exception as e:
         if not (args.cuda_graph and stage == "the rollout"):
             raise
@@ -506,7 +508,7 @@ for it in range(start_it, iterations):
 
     # 3-6. the algorithm's update
     t1 = time.time()
-    with gpu_advice("the update"):
+    with gpu_advice("the update", prompt_ids.shape[1]):
         finite, stats = update((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t, dones_t,
                                [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
