@@ -536,6 +536,7 @@ for it in range(start_it, iterations):
                "perf/rollout_s": t_rollout, "perf/env_s": t_env, "perf/update_s": t_update,
                "perf/shared_prompt": sum(len(rows) for rows in model.rows_by_prompt(prompts) if len(rows) > 1)
                / len(prompts),  # rows whose prompt another row has too
+               "perf/prompt_tokens": prompt_ids.shape[1],  # the longest prompt: the update's memory grows with it
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "time_s": elapsed}
     append_line(metrics_path, json.dumps(metrics))

@@ -77,6 +77,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     phases = [rows[-1][f"perf/{phase}_s"] for phase in ("rollout", "env", "update")]  # where the iteration went
     assert min(phases) > 0 and sum(phases) <= rows[-1]["perf/iter_s"]
     assert rows[0]["perf/shared_prompt"] == 1.0  # the first iteration: 8 episodes at their first step, one prompt
+    assert all(row["perf/prompt_tokens"] == 128 for row in rows)  # every prompt fills the tiny model's window
     assert "it 2/2" in r.stdout and "--- sample" in r.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["it"] == 2 and ckpt["config"]["dataset"] == "iris"
