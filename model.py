@@ -183,14 +183,14 @@ class AdapterLM(nn.Module):
             prompt_lengths = prompt_mask.sum(1).tolist()  # (B,) real prompt tokens of each row: one read-back
         except DataDependentOutputException:  # a tensor without values (simulate.py's fake tensors): drop none
             prompt_lengths = [P] * B
-        by_size = {}  # k -> the groups of k rows; one forward per k, so that no sequence is padded
+        by_size = {}  # k -> the groups of k rows; one forward per k, so that no action slot is padding
         for rows in rows_by_prompt(prompts if prompts is not None else range(B)):
             count = math.ceil(len(rows) / most)  # sequences for this prompt, of k or k + 1 rows each
             for group in (rows[start::count] for start in range(count)):
                 by_size.setdefault(len(group), []).append(group)
         order, hidden = [], []
         for k, groups in by_size.items():
-            P_k = max(1, max(prompt_lengths[group[0]] for group in groups))  # the longest prompt of this forward
+            P_k = max(prompt_lengths[group[0]] for group in groups)  # the longest prompt of this forward
             S = P_k + k * T
             index = torch.tensor(groups, device=self.device)  # (n, k) n sequences of k rows
             first = index[:, 0]  # (n,) the row whose prompt the sequence shares
