@@ -273,8 +273,10 @@ class AdapterLM(nn.Module):
     # adapters on disk: only the LoRA weights, never the base
 
     def adapter_state(self):
+        """The adapters' weights as they are now: a copy on the CPU (from a CPU model too), which later steps leave
+        alone, with what load_adapter_state checks."""
         return {"lora": self.lora, "model": self.name,
-                "weights": {n: [p.detach().cpu() for p in self.adapter_params(n)] for n in self.names}}
+                "weights": {n: [p.detach().to("cpu", copy=True) for p in self.adapter_params(n)] for n in self.names}}
 
     def load_adapter_state(self, state):
         same = state.get("lora") == self.lora and state.get("model") == self.name

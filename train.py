@@ -62,7 +62,8 @@ parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoR
 parser.add_argument("--lora-targets", default=",".join(model.LLAMA_TARGETS),
                     help="comma-separated names of the linear layers given adapters (default: every Llama projection)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: less memory, more compute")
+parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing from the start: less memory, "
+                    "more compute (otherwise on from the first update that runs out of GPU memory)")
 # rollout
 parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
@@ -211,8 +212,13 @@ if checkpoint is not None and checkpoint["it"] >= iterations:  # said before the
     fail(f"{out} has run its {checkpoint['it']} iterations ({checkpoint['env']['env_steps']} environment steps) "
          "already: to train on, pass a larger --steps with --resume")
 adapters = ("policy", "q", "q_target") if args.algo == "etpo" else ("policy", "value")
+# gradient checkpointing: on with the flag, or for good once an update has run out of GPU memory without it (in this
+# run or before its checkpoint; update_within_memory below)
+checkpointing = args.checkpointing or bool(checkpoint and checkpoint.get("checkpointing"))
 print("config:", json.dumps(vars(args)))
-print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}")
+print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}"
+      + ("; gradient checkpointing on, as the run turned it on when its update ran out of GPU memory"
+         if checkpointing and not args.checkpointing else ""))
 
 # -----------------------------------------------------------------------------------------------------------------
 # seed, environment, model, optimizers
@@ -242,7 +248,7 @@ try:
     if args.cuda_graph and model.resolve_device(args.device).type != "cuda":  # said before a 7B model loads
         fail("--cuda-graph needs a CUDA GPU and this run is not on one: drop the flag")
     lm = model.load(args.model, device=args.device, r=args.lora_rank, alpha=2 * args.lora_rank,
-                    targets=args.lora_targets.split(","), checkpointing=args.checkpointing, adapters=adapters)
+                    targets=args.lora_targets.split(","), checkpointing=checkpointing, adapters=adapters)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
 device = lm.device
@@ -280,7 +286,8 @@ replace_file(metrics_path, lambda f: f.write("".join(kept).encode()))
 def save_checkpoint(it):
     """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
     state = {"adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
-             "config": vars(args), "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
+             "config": vars(args), "checkpointing": checkpointing, "env": coding_env.state_dict(),
+             "reward_cache": sandbox.cache,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "generator": generator.get_state()}}
     replace_file(ckpt_path, lambda f: torch.save(state, f))
@@ -307,23 +314,17 @@ for sig in execution.STOP_SIGNALS:
 
 @contextlib.contextmanager
 def gpu_advice(stage, prompt_tokens=None):
-    """A CUDA out-of-memory error, or with --cuda-graph any error in the rollout (its graph has been checked on the
-    CPU, not yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk
-    (written only between iterations) is left as it was. prompt_tokens: the batch's longest prompt, which the
-    update's memory grows with."""
+    """A CUDA out-of-memory error (in the update, only with gradient checkpointing on: update_within_memory), or with
+    --cuda-graph any error in the rollout (its graph has been checked on the CPU, not yet on a GPU), ends the run
+    with one sentence of advice instead of a traceback; the checkpoint on disk (written only between iterations) is
+    left as it was. prompt_tokens: the batch's longest prompt, which the update's memory grows with."""
     resume = resume_command()
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        if args.checkpointing or stage == "the rollout":  # a rollout keeps no activations for checkpointing to drop
-            advice = "start a new run with a smaller --n-envs or --max-new-tokens"
-        elif resume:
-            advice = f"continue from the last checkpoint with {resume} --checkpointing"
-        else:
-            advice = "start again with --checkpointing"
         prompts = f" with prompts of up to {prompt_tokens} tokens" if prompt_tokens else ""
-        fail(f"the GPU ran out of memory in {stage} at B = {batch}{prompts}: {advice} (README, 'Memory, simulated', "
-             "gives the peak by batch size and prompt length)")
+        fail(f"the GPU ran out of memory in {stage} at B = {batch}{prompts}: start a new run with a smaller --n-envs "
+             "or --max-new-tokens (README, 'Memory, simulated', gives the peak by batch size and prompt length)")
     except Exception as e:
         if not (args.cuda_graph and stage == "the rollout"):
             raise
@@ -463,9 +464,44 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
                     "policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "ppo/action_kl": kl.mean().item()}
 
 
+update = etpo_update if args.algo == "etpo" else ppo_kl_update
+
+
+def update_within_memory(*transitions):
+    """update(*transitions); if it runs out of GPU memory without gradient checkpointing, the same update again with
+    checkpointing, which then stays on for the run (and its resumptions). First the adapters, the optimizers' state
+    and torch's RNG go back to the copy taken on the CPU before the update, so that no step is taken twice (for
+    CodeLlama-7B about 1.1 GB a copy: three adapters of 40 M float32 parameters and two AdamW states of two each)."""
+    global checkpointing
+    if checkpointing:
+        return update(*transitions)
+    saved = (lm.adapter_state(), {name: cpu_copy(opt.state_dict()) for name, opt in optimizers.items()},
+             torch.get_rng_state())
+    try:
+        return update(*transitions)
+    except torch.cuda.OutOfMemoryError:
+        pass  # the update runs again below, once this error's traceback has let go of the failed attempt's tensors
+    lm.load_adapter_state(saved[0])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(saved[1][name])
+        opt.zero_grad(set_to_none=True)
+    torch.set_rng_state(saved[2])
+    model.checkpoint_activations(lm.hf)
+    checkpointing = True
+    print(f"warning: iteration {it + 1}: the update ran out of GPU memory at B = {batch} with prompts of up to "
+          f"{transitions[0][0].shape[1]} tokens; it runs again with gradient checkpointing, which stays on for the "
+          "rest of the run (--checkpointing turns it on from the start)")
+    return update(*transitions)
+
+
+def cpu_copy(state):
+    """A copy on the CPU of an optimizer's state_dict, whose tensors are the optimizer's own."""
+    return {"state": {i: {k: v.to("cpu", copy=True) for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # the loop
-update = etpo_update if args.algo == "etpo" else ppo_kl_update
 loss_key = "loss/q" if args.algo == "etpo" else "loss/v"
 for it in range(start_it, iterations):
     t0 = time.time()
@@ -509,8 +545,8 @@ for it in range(start_it, iterations):
     # 3-6. the algorithm's update
     t1 = time.time()
     with gpu_advice("the update", prompt_ids.shape[1]):
-        finite, stats = update((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t, dones_t,
-                               [p for s in steps for p in s[5]])
+        finite, stats = update_within_memory((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t,
+                                             dones_t, [p for s in steps for p in s[5]])
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
 
     # -------------------------------------------------------------------------------------------------------------
@@ -538,6 +574,7 @@ for it in range(start_it, iterations):
                / len(prompts),  # rows whose prompt another row has too
                "perf/prompt_tokens": prompt_ids.shape[1],  # the longest prompt: the update's memory grows with it
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+               "perf/checkpointing": checkpointing,
                "time_s": elapsed}
     append_line(metrics_path, json.dumps(metrics))
     eta = elapsed / n_done * (iterations - it - 1)

@@ -3,8 +3,9 @@ train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke 
 program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
 the README's CPU demo raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
 infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
-layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; user
-errors, and running out of GPU memory, end with one sentence and a non-zero exit.
+layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; an
+update that runs out of GPU memory runs again with gradient checkpointing and computes what it would have; user errors,
+and running out of GPU memory with checkpointing, end with one sentence and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
@@ -164,6 +165,51 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path):
     assert len(metrics(str(tmp_path / "run"))) == 1  # the whole run: 4 environment steps of 4 episodes
 
 
+OUT_OF_MEMORY_ONCE = """import os
+import torch
+import model
+
+forward = model.AdapterLM.action_logits
+
+
+def out_of_memory_once(self, *args, **kwargs):
+    if torch.is_grad_enabled():  # a forward whose backward follows: log whether the model checkpoints its blocks
+        with open(os.environ["FORWARD_LOG"], "a") as f:
+            f.write(f"{self.hf.is_gradient_checkpointing}\\n")
+        if open(os.environ["FORWARD_LOG"]).read().count("\\n") == int(os.environ["OUT_OF_MEMORY_AT"]):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return forward(self, *args, **kwargs)
+
+
+model.AdapterLM.action_logits = out_of_memory_once
+"""
+
+
+@pytest.mark.parametrize("algo, at, forwards", [(["--algo", "etpo"], 6, 3),
+                                                  (["--algo", "ppo_kl", "--rollout-steps", "1"], 20, 16)])
+def test_an_update_that_runs_out_of_gpu_memory_runs_again_with_checkpointing(algo, at, forwards, tmp_path):
+    # CUDA's out-of-memory error, raised on the CPU once, in a forward of the second iteration's update after some of
+    # its steps: for ETPO in the policy's, after the two Q steps (the tiny preset's --q-steps 2) of 3 forwards; for
+    # PPO-KL in the fourth minibatch's of 16 (4 epochs of 4), after 3 policy and value steps and a shuffle drawn from
+    # torch's RNG. The adapters, AdamW and the RNG go back to where they were, the update runs again with gradient
+    # checkpointing, and the run computes what it would have computed without the error.
+    plain, run, log = str(tmp_path / "plain"), str(tmp_path / "run"), str(tmp_path / "forwards")
+    assert train(*TINY, *algo, "--n-envs", "4", "--steps", "12", "--out", plain).returncode == 0
+    r = train_patched(tmp_path, OUT_OF_MEMORY_ONCE, *algo, FORWARD_LOG=log, OUT_OF_MEMORY_AT=str(at))  # 2 iterations
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: iteration 2: the update ran out of GPU memory at B = 4 with prompts of up to 128 tokens; it runs "
+            "again with gradient checkpointing, which stays on for the rest of the run") in r.stdout
+    assert open(log).read().split() == ["False"] * at + ["True"] * forwards  # the update, again, checkpointing
+    # it stays on when the run resumes, without the flag
+    r = train(*TINY, *algo, "--n-envs", "4", "--steps", "12", "--out", run, "--resume")
+    assert r.returncode == 0 and "gradient checkpointing on, as the run turned it on" in r.stdout, r.stderr[-2000:]
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["checkpointing"] is True
+    a = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(plain)]
+    b = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(run)]
+    assert len(a) == 3 and a == b
+    assert [m["perf/checkpointing"] for m in metrics(run)] == [False, True, True]
+
+
 @pytest.mark.slow
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
     # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop
@@ -171,14 +217,15 @@ def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
             "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n\n"
             "if os.environ['OUT_OF_MEMORY_IN'] == 'the update':\n    model.AdapterLM.action_logits = out_of_memory\n"
             "else:\n    sampling.sample_ids = out_of_memory\n")
-    for stage, extra, advice in [("the update", [], "start again with --checkpointing"),
-                                 ("the update", ["--checkpointing"], "start a new run with a smaller --n-envs"),
-                                 ("the rollout", [], "start a new run with a smaller --n-envs")]:  # no backward pass
+    for stage, extra in [("the update", []),  # runs again with gradient checkpointing, and fails again
+                         ("the update", ["--checkpointing"]), ("the rollout", [])]:  # a rollout: no backward pass
         r = train_patched(tmp_path, hook, *extra, OUT_OF_MEMORY_IN=stage)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert ("it runs again with gradient checkpointing" in r.stdout) == (stage == "the update" and not extra)
         last = r.stderr.strip().splitlines()[-1]
         prompts = " with prompts of up to 128 tokens" if stage == "the update" else ""  # the tiny model's window
-        assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4{prompts}: " + advice), last
+        assert last.startswith(f"error: the GPU ran out of memory in {stage} at B = 4{prompts}: start a new run "
+                               "with a smaller --n-envs or --max-new-tokens"), last
         assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # the error writes no checkpoint
 
 
