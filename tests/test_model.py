@@ -120,6 +120,13 @@ def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
     lm.load_adapters(tmp_path / "a.pt")
     with lm.adapter("policy"):
         assert torch.equal(lm.action_logits(*batch), before)
+    saved = lm.adapter_state()  # in memory: a copy, which later steps leave alone (train.py's copy before an update)
+    with torch.no_grad():
+        for p in lm.adapter_params("policy"):
+            p.add_(1.0)
+    lm.load_adapter_state(saved)
+    with lm.adapter("policy"):
+        assert torch.equal(lm.action_logits(*batch), before)
     state = torch.load(tmp_path / "a.pt", weights_only=True)
     assert "weights" in state and all(t.numel() < 200_000 for ts in state["weights"].values() for t in ts)
     other = model.load("tiny", device="cpu", r=4, alpha=8)
