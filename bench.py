@@ -1,14 +1,14 @@
 """
 Measure ETPO's hot loop against the machine's own limits (in the spirit of nanoGPT's bench.py).
 
-On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact shapes, random bf16 weights, no
-download) and reports: rollout tokens/s with the static KV cache that sampling.py uses and with transformers' dynamic
-one, against the decode roofline (weight bytes per step over the HBM bandwidth measured here); the kernels and the
-bytes moved per decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO
-update against the bf16 matmul rate measured here; peak memory of both, the largest batch that fits, and the
-bytes stored per transition between the rollout and the update. On a CPU it runs the `tiny` preset, so CI can
-smoke-test it. The update it times is simulate.update (train.py's steps 3-6 on random tokens); simulate.py counts
-the same update's memory and operators on fake tensors, without a GPU.
+On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact shapes, random bf16 weights, no download)
+and reports: rollout tokens/s with the static KV cache that sampling.py uses and with transformers' dynamic one, against
+the decode roofline (weight bytes per step over the HBM bandwidth measured here); the kernels and the bytes moved per
+decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO update against the bf16
+matmul rate measured here; peak memory of both, the largest batch that fits, and the bytes stored per transition between
+the rollout and the update, and the time of train.py's copy of the adapters and AdamW state to the CPU before each
+update. On a CPU it runs the `tiny` preset, so CI can smoke-test it. The update it times is simulate.update (train.py's
+steps 3-6 on random tokens); simulate.py counts the same update's memory and operators on fake tensors, without a GPU.
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
@@ -339,6 +339,21 @@ row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {fl
 # 3. what a transition keeps between the rollout and the update
 row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
     f"the ref logit of the taken token (float32), prompt ids (int32) and mask (bool) | |")
+
+# 3b. train.py's copy before each update while gradient checkpointing is off (update_within_memory): the adapters and
+# the AdamW state to the CPU, from which an update that runs out of GPU memory runs again
+
+
+def copy_to_cpu():  # every tensor train.py copies, as one list
+    adapters = [p for weights in lm.adapter_state()["weights"].values() for p in weights]
+    states = [s for opt in optimizers.values() for s in opt.state_dict()["state"].values()]  # one per parameter
+    return adapters + [v.to("cpu", copy=True) for s in states for v in s.values()]
+
+
+copy_seconds = timed(copy_to_cpu, args.iters)
+copy_bytes = sum(t.numel() * t.element_size() for t in copy_to_cpu())
+row(f"| copy before an update, to the CPU | {copy_seconds * 1e3:,.0f} ms | {copy_bytes / 1e9:.3g} GB: the adapters and "
+    f"the AdamW state, {copy_bytes / copy_seconds / 1e9:.2g} GB/s | |")
 
 
 def largest_batch(shared):

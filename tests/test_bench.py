@@ -62,10 +62,17 @@ def test_model_benchmark_on_cpu():
     # per transition: prompt ids (32 x 4 bytes, int32) and mask (32 x 1, bool), tokens (16 x 8, int64), mask
     # (16 x 1), y and ref logit (2 x 16 x 4, float32): 432 bytes (with int64 ids and masks and a float mask, 832)
     assert "| stored per transition | 0.4 KiB |" in out
+    # train.py's copy before an update: three adapters and two AdamW states of two buffers each, float32 (tiny: 2
+    # blocks of 7 projections, r = 16, 96 wide, 256 in the MLP: 32 x (4 x 192 + 3 x 352) LoRA weights an adapter)
+    # and AdamW's step counts (28 float32 scalars per optimizer)
+    copied = re.search(r"\| copy before an update, to the CPU \| [\d,]+ ms \| (\S+) GB: the adapters and the AdamW "
+                       r"state, \S+ GB/s \|", out).group(1)
+    assert float(copied) == float(f"{(7 * 32 * (4 * 192 + 3 * 352) + 2 * 28) * 4 / 1e9:.3g}")
     # the figures that say whether 7B trains fast on one GPU come first, so a run stopped by a time limit keeps them
     rows = ("| rollout B=2, static cache |", "| update B=2 P=32 T=16 |", "| stored per transition |",
-            "| rollout B=2, dynamic cache |", "| decode step B=2, static cache |", "| RMSNorm, transformers'",
-            "| update B=2, one shared prompt,", "\nrollout B=2, static cache:\n")
+            "| copy before an update, to the CPU |", "| rollout B=2, dynamic cache |",
+            "| decode step B=2, static cache |", "| RMSNorm, transformers'", "| update B=2, one shared prompt,",
+            "\nrollout B=2, static cache:\n")
     assert [out.index(r) for r in rows] == sorted(out.index(r) for r in rows)
     # --profile: torch.profiler's operator tables of a rollout and of an update, the matmuls among them
     for job in ("rollout B=2, static cache:", "update B=2:"):
