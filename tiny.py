@@ -187,6 +187,9 @@ def warm_start(corpus, steps, seed, cache_dir, path):
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "done"), "w") as f:
             json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
+        for name in os.listdir(tmp):  # the bytes reach the disk before the rename, as in train.py's replace_file:
+            with open(os.path.join(tmp, name), "rb") as f:  # after a power cut no `done` stands beside empty weights
+                os.fsync(f.fileno())
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, "done")):
             shutil.rmtree(path, ignore_errors=True)  # no marker: a build cut short (older versions wrote in place)
         try:

@@ -541,9 +541,23 @@ def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
         return save(self, folder, *args, **kwargs)
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", save_and_look)
+    synced, fsync, rename = [], os.fsync, os.rename  # and every file reaches the disk before the folder's rename
+
+    def logged_fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_rename(src, dst):
+        synced.append("rename")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "rename", logged_rename)
     hf, tok = tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
     (built,) = os.listdir(tmp_path / "cache")
     assert len(seen) == 1 and seen[0] == [f"{built}.tmp-{os.getpid()}"]  # only this process's own folder
+    files = os.listdir(tmp_path / "cache" / built)
+    assert "model.safetensors" in files and sorted(synced) == sorted(files + ["rename"]) and synced[-1] == "rename"
     assert built.startswith("tiny-") and os.path.exists(tmp_path / "cache" / built / "done")
     os.remove(tmp_path / "cache" / built / "done")  # a build cut short, as an older version could leave one
     tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
