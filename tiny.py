@@ -103,7 +103,12 @@ def build(cache_dir=None, steps=600, seed=0):
         with one_builder(cache_dir):  # runs started together (seeds in parallel): one builds, the others wait
             if not os.path.exists(os.path.join(path, "done")):  # (unless another built it while this one waited)
                 warm_start(corpus, steps, seed, cache_dir, path)
-    return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+    try:
+        return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as e:  # a damaged cache (a disk that failed, a copy cut short): one sentence, not a traceback
+        reason = str(e).partition("\n")[0][:100]
+        raise OSError(f"the cached tiny model in {path} could not be read ({type(e).__name__}: {reason}): delete that "
+                      "folder, and the next run builds it again") from None
 
 
 def cache_error(cache_dir, e):

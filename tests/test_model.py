@@ -562,6 +562,10 @@ def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
     os.remove(tmp_path / "cache" / built / "done")  # a build cut short, as an older version could leave one
     tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
     assert os.listdir(tmp_path / "cache") == [built] and os.path.exists(tmp_path / "cache" / built / "done")
+    (tmp_path / "cache" / built / "model.safetensors").write_bytes(b"")  # damaged: one sentence that says what to do
+    with pytest.raises(OSError, match=rf"the cached tiny model in .*{built} could not be read \(\w+: .*\): "
+                                      "delete that folder, and the next run builds it again"):
+        tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match="could not write the tiny model into .*a-file.*: set ETPO_CACHE to a folder"):
         tiny.build(cache_dir=str(tmp_path / "a-file" / "cache"), steps=2)
