@@ -394,6 +394,7 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
     checkpointing=True recomputes each block's activations in the backward pass (less memory, ~30% more compute);
     fused_norm=False keeps transformers' RMSNorm (see torch_rms_norm)."""
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not sys.stderr.isatty():  # at a terminal the bars show a first download (13.5 GB for CodeLlama-7B) and the
@@ -424,10 +425,17 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
             raise RuntimeError(f"{name} does not fit in this GPU's memory (about {billions:.1f}B parameters, "
                                f"{2 * approx_parameters(config) / 2**30:.1f} GiB in bf16 before any activation): use a "
                                "GPU with more memory, or a smaller --model") from None
-        except (OSError, ValueError) as e:
-            advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run folder "
-                      "of train.py holds none), or a Hub id" if os.path.exists(name) else
-                      "if this machine is offline, pass a local path with --model or use --model tiny")
+        except (OSError, ValueError, SafetensorError) as e:
+            if isinstance(e, SafetensorError):  # a weights file cut short or damaged (a full disk during a copy)
+                advice = "its weights could not be read: " + (
+                    "copy them again" if os.path.exists(name) else
+                    f"delete it from the Hugging Face cache (`hf cache rm model/{name}`), and the next run downloads "
+                    "it anew")
+            elif os.path.exists(name):
+                advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run "
+                          "folder of train.py holds none), or a Hub id")
+            else:
+                advice = "if this machine is offline, pass a local path with --model or use --model tiny"
             reason = str(e).partition("\n")[0][:120]
             raise RuntimeError(f"could not load the model '{name}' ({reason}); {advice}") from None
         if tok.pad_token_id is None:

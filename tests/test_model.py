@@ -415,7 +415,7 @@ def seven_b_config(path):
     return str(path)
 
 
-def test_user_errors_are_one_clear_sentence(tmp_path):
+def test_user_errors_are_one_clear_sentence(tmp_path, codellama_dir):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="about 7B parameters and needs a CUDA GPU"):
             model.load(seven_b_config(tmp_path / "7b"), device="cpu")
@@ -424,6 +424,12 @@ def test_user_errors_are_one_clear_sentence(tmp_path):
     (tmp_path / "run").mkdir()  # a folder that exists but holds no model: the offline advice would mislead
     with pytest.raises(RuntimeError, match="could not load the model .* pass a folder that holds a Hugging Face model"):
         model.load(str(tmp_path / "run"), device="cpu")
+    damaged = tmp_path / "damaged"  # a model folder whose weights file was cut short (a full disk during a copy)
+    shutil.copytree(codellama_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"could not load the model .*damaged' \(.*\); its weights could not be "
+                                           "read: copy them again$"):
+        model.load(str(damaged), device="cpu")
 
 
 def test_a_model_larger_than_the_gpu_is_one_sentence(monkeypatch, codellama_dir):
