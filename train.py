@@ -475,17 +475,17 @@ def update_within_memory(*transitions):
     global checkpointing
     if checkpointing:
         return update(*transitions)
-    saved = (lm.adapter_state(), {name: cpu_copy(opt.state_dict()) for name, opt in optimizers.items()},
-             torch.get_rng_state())
+    weights, rng = lm.adapter_state(), torch.get_rng_state()
+    states = {name: cpu_copy(opt.state_dict()) for name, opt in optimizers.items()}
     try:
         return update(*transitions)
     except torch.cuda.OutOfMemoryError:
         pass  # the update runs again below, once this error's traceback has let go of the failed attempt's tensors
-    lm.load_adapter_state(saved[0])
+    lm.load_adapter_state(weights)
     for name, opt in optimizers.items():
-        opt.load_state_dict(saved[1][name])
+        opt.load_state_dict(states[name])
         opt.zero_grad(set_to_none=True)
-    torch.set_rng_state(saved[2])
+    torch.set_rng_state(rng)
     model.checkpoint_activations(lm.hf)
     checkpointing = True
     print(f"warning: iteration {it + 1}: the update ran out of GPU memory at B = {batch} with prompts of up to "
