@@ -426,11 +426,11 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
                                f"{2 * approx_parameters(config) / 2**30:.1f} GiB in bf16 before any activation): use a "
                                "GPU with more memory, or a smaller --model") from None
         except (OSError, ValueError, SafetensorError) as e:
-            if isinstance(e, SafetensorError):  # a weights file cut short or damaged (a full disk during a copy)
-                advice = "its weights could not be read: " + (
-                    "copy them again" if os.path.exists(name) else
-                    f"delete it from the Hugging Face cache (`hf cache rm model/{name}`), and the next run downloads "
-                    "it anew")
+            if isinstance(e, SafetensorError) and os.path.exists(name):  # a weights file cut short or damaged
+                advice = "its weights could not be read: copy them again"
+            elif isinstance(e, SafetensorError):  # (a full disk during a download, say)
+                advice = (f"its weights could not be read: delete it from the Hugging Face cache (`hf cache rm "
+                          f"model/{name}`), and the next run downloads it anew")
             elif os.path.exists(name):
                 advice = ("pass a folder that holds a Hugging Face model (config.json, weights and tokenizer; a run "
                           "folder of train.py holds none), or a Hub id")

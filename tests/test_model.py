@@ -474,6 +474,13 @@ def test_the_hub_is_tried_once_and_an_offline_machine_uses_its_cache(tmp_path, m
                        env=environ, capture_output=True, text=True, timeout=120)
     assert "could not load the model 'some-org/not-cached'" in r.stderr and "pass a local path" in r.stderr
     assert "Retrying" not in r.stderr  # huggingface_hub's 5 retries with backoff (about 25 s) were skipped
+    # a cached copy whose weights file was cut short: the command that deletes it from the cache
+    (tmp_path / "hub" / "models--some-org--cached" / "snapshots" / commit / "model.safetensors").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-c", load.format("cached")], cwd=os.path.dirname(model.__file__), env=environ,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].endswith(
+        "its weights could not be read: delete it from the Hugging Face cache (`hf cache rm model/some-org/cached`), "
+        "and the next run downloads it anew"), r.stderr[-2000:]
 
 
 def test_progress_bars_show_at_a_terminal_and_not_in_a_log(tmp_path):
