@@ -410,6 +410,9 @@ def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=
         if device.type != "cuda":
             raise RuntimeError("codellama-7b-arch needs a CUDA GPU and none is visible: use --model tiny on a CPU")
         lm = AdapterLM(build_random(codellama_7b_config(), device), None, **options)
+    elif not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
+        raise RuntimeError(f"there is no model folder {name}: pass a folder that holds a Hugging Face model, or a Hub "
+                           "id such as codellama/CodeLlama-7b-hf")  # a Hub id is ORG/NAME, never a path like this
     else:
         try:
             hub = hub_options(name)  # offline: the local Hugging Face cache only, at once

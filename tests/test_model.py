@@ -420,7 +420,10 @@ def test_user_errors_are_one_clear_sentence(tmp_path, codellama_dir):
         with pytest.raises(RuntimeError, match="about 7B parameters and needs a CUDA GPU"):
             model.load(seven_b_config(tmp_path / "7b"), device="cpu")
     with pytest.raises(RuntimeError, match="could not load the model .* pass a local path with --model"):
-        model.load(str(tmp_path / "no-such-model"), device="cpu")
+        model.load("no-such-org/no-such-model", device="cpu")  # a Hub id, offline here
+    for path in [tmp_path / "no-such-model", "./no-such-model", "models/org/no-such-model"]:  # a path, not a Hub id
+        with pytest.raises(RuntimeError, match="^there is no model folder .*no-such-model: pass a folder"):
+            model.load(str(path), device="cpu")
     (tmp_path / "run").mkdir()  # a folder that exists but holds no model: the offline advice would mislead
     with pytest.raises(RuntimeError, match="could not load the model .* pass a folder that holds a Hugging Face model"):
         model.load(str(tmp_path / "run"), device="cpu")
