@@ -102,7 +102,7 @@ def test_numerics_benchmark_on_a_checkpoint(ckpt):
 
 
 @pytest.mark.parametrize("args,phrase", [
-    (["--model", "NO_SUCH_FOLDER"], "could not load the model"),
+    (["--model", "NO_SUCH_FOLDER"], "there is no model folder"),
     (["--sample", "nope", "--model", "tiny"], "unknown dataset 'nope'"),
     (["--numerics", "BAD"], "could not read the checkpoint"),
     (["--iters", "0"], "--iters 0 must be positive"),
