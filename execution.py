@@ -7,22 +7,24 @@ A program defines `build_model(x_train, y_train)`; its reward is the mean ROC AU
 (seed i for split i; binary: probability of the positive class; multi-class: one-vs-one macro), or -1 and the
 error, as a model can use it, when it fails.
 
-Generated code is untrusted. Each program runs in its own process, forked from a server process that has
-scikit-learn imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is
-never forked, since torch and OpenMP state do not survive fork). Each program gets: a new session and process group
-(killed as a whole when it ends or times out, children included, and when the server dies: Linux's
-PR_SET_PDEATHSIG), a wall-clock timeout, a CPU-time limit, an address-space (memory) limit (where the system allows
-one: macOS refuses it, and the server says so when it starts), a 4 MB limit on the files it writes, a scratch
-working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr captured to a file and truncated,
-one BLAS/OpenMP thread and one joblib worker (`n_jobs=-1` runs in the program's own process), fixed random seeds and
-string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets, and an error becomes
-the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
-directory. The trainer talks to the server through a pipe with a deadline and restarts it if it dies; a server whose
-trainer dies kills its programs, removes their folders and exits at once. The server and its programs ignore
-SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
-every process in it). It does NOT protect against deliberate escapes: native code (ctypes) and subprocesses bypass
-the audit hook, a process that calls setsid leaves the process group, reading files and using the network are
-allowed. Run untrusted models in a container or VM if that matters to you.
+Generated code is untrusted. Each program runs in its own process, forked from a server process that has scikit-learn
+imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is never forked, since
+torch and OpenMP state do not survive fork). Each program gets: a new session and process group (killed as a whole when
+it ends or times out, children included, and when the server dies: Linux's PR_SET_PDEATHSIG), a wall-clock timeout, a
+CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it, and the server says so
+when it starts), a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and HOME) that is deleted
+afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread and one joblib worker (`n_jobs=-1`
+runs in the program's own process), fixed random seeds and string hashes (so a set prints in the same order in every
+run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook that refuses to
+open, create, delete or rename files outside the scratch directory, to start another process (a program's `pip install`
+would change the trainer's own packages) and to signal a process outside the program's group (the server: its death
+would fail the whole batch). The trainer talks to the server through a pipe with a deadline and restarts it if it dies;
+a server whose trainer dies kills its programs, removes their folders and exits at once. The server and its programs
+ignore SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job
+signals every process in it). It does NOT protect against deliberate escapes: native code (ctypes; joblib's worker
+processes for an explicit `n_jobs=4` and multiprocessing's spawn and forkserver start methods, which start their
+processes from C) bypasses the audit hook, a process that calls setsid leaves the process group, reading files and using
+the network are allowed. Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -106,12 +108,17 @@ def _error_text(e, source):
     return (where + f"{type(e).__name__}: {message}")[:1000]
 
 
-def _write_guard(scratch):
-    """An audit hook (PEP 578) that refuses file writes, deletions and renames outside the scratch directory."""
+def _guard(scratch):
+    """An audit hook (PEP 578) that refuses, from Python code: file writes, deletions and renames outside the scratch
+    directory; starting a process (a `pip install` from a program would change the packages of the trainer itself);
+    and a signal to a process outside the program's group (the server, whose death would fail the whole batch)."""
     allowed = [os.path.realpath(p) for p in (scratch, os.devnull, "/dev/shm")]
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "shutil.rmtree", "os.chmod",
                    "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime", "shutil.move", "shutil.copyfile"}
+    process_events = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+                      "subprocess.Popen"}  # os.popen, pty.spawn and multiprocessing's pools come through these
+    own = {"os.kill": (0, os.getpid(), -os.getpgid(0)), "os.killpg": (0, os.getpgid(0))}  # pids of its own group
 
     def outside(path):
         if path is None or isinstance(path, int):
@@ -127,6 +134,11 @@ def _write_guard(scratch):
                 raise PermissionError(f"writing to {path} is not allowed; write only in the working directory")
         elif event in path_events and any(outside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"{event} outside the working directory is not allowed")
+        elif event in process_events:
+            raise PermissionError(f"{event} is not allowed: the code may not start another process; fit the model in "
+                                  "this one (n_jobs=-1 runs in it)")
+        elif event in own and args[0] not in own[event]:
+            raise PermissionError(f"{event} of another process is not allowed")
 
     return hook
 
@@ -180,7 +192,7 @@ def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
         tempfile.tempdir = scratch
         random.seed(0)
         np.random.seed(0)  # models without random_state become deterministic, so rewards can be cached
-        sys.addaudithook(_write_guard(scratch))
+        sys.addaudithook(_guard(scratch))
         reward = _score(job["source"], data, job["heldout"])
     except BaseException as e:  # SystemExit and KeyboardInterrupt included: the program must not end the child
         reward, error = -1.0, _error_text(e, job["source"])

@@ -275,6 +275,12 @@ ZOO = {  # name: (body, a phrase the error must contain)
     "print_100_mb": ("for _ in range(100):\n    print('x' * 1_000_000)", "File too large"),
     "write_outside_scratch": ("open('/tmp/etpo-escape.txt', 'w').write('x')", "not allowed"),
     "delete_outside_scratch": ("import os\nos.remove(os.path.expanduser('/etc/hostname'))", "not allowed"),
+    # another process: a `pip install` would change the trainer's own packages; the server's death, the whole batch
+    "os_system": ("import os\nos.system('touch /tmp/etpo-escape.txt')", "os.system is not allowed"),
+    "subprocess": ("import subprocess\nsubprocess.run(['touch', '/tmp/etpo-escape.txt'])", "subprocess.Popen is not"),
+    "fork_pool": ("import multiprocessing\nmultiprocessing.get_context('fork').Pool(2)", "os.fork is not allowed"),
+    "kill_the_server": ("import os\nos.kill(os.getppid(), 9)", "os.kill of another process is not allowed"),
+    "kill_every_process": ("import os\nos.killpg(1, 0)", "os.killpg of another process is not allowed"),
 }
 
 
@@ -324,16 +330,18 @@ def _alive(pid):
 
 
 def test_children_left_running_are_killed_and_an_open_pipe_does_not_stall(sandbox, iris):
-    # a subprocess left running: its pid comes back in the error, and it must be dead afterwards
-    code = "import subprocess\np = subprocess.Popen(['sleep', '300'])\nraise RuntimeError(f'pid={p.pid}')"
+    # a child left running, started from native code (which the audit hook does not see): its pid comes back in
+    # the error, and it must be dead afterwards
+    code = ("import ctypes, time\npid = ctypes.CDLL(None).fork()\nif pid == 0:\n    time.sleep(300)\n"
+            "raise RuntimeError(f'pid={pid}')")
     reward, error = sandbox.run([body(code)], iris, timeout=10)[0]
     assert reward == -1.0 and "pid=" in error
     pid = int(error.rsplit("pid=", 1)[1].split()[0])
     time.sleep(0.2)
     assert not _alive(pid)
     # a forked child keeps every inherited fd (result pipe, output file) open and sleeps: no stall, real reward
-    code = GOOD.replace("    from sklearn", "    import os, time\n    if os.fork() == 0:\n        time.sleep(300)\n"
-                                            "    from sklearn", 1)
+    code = GOOD.replace("    from sklearn", "    import ctypes, time\n    if ctypes.CDLL(None).fork() == 0:\n"
+                                            "        time.sleep(300)\n    from sklearn", 1)
     start = time.monotonic()
     reward, error = sandbox.run([code], iris, timeout=10)[0]
     assert error is None and reward > 0.9 and time.monotonic() - start < 8
@@ -342,7 +350,8 @@ def test_children_left_running_are_killed_and_an_open_pipe_does_not_stall(sandbo
 def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
     sb = execution.Sandbox(workers=1)
     try:
-        reward, error = sb.run([body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")], iris, timeout=5)[0]
+        kill = "import ctypes, os\nctypes.CDLL(None).kill(os.getppid(), 9)"  # native code: the audit hook cannot see it
+        reward, error = sb.run([body(kill)], iris, timeout=5)[0]
         assert reward == -1.0 and error == execution.SERVER_FAILED
         assert sb.cache == {}  # no program's score: a program that only shared the batch is not marked -1 for good
         assert not os.path.exists(sb.root)  # the scratch folders of the batch the server left, removed all the same
@@ -355,10 +364,10 @@ def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
     # the server forks each program into its own session, so killing the server's group does not reach them: a
     # program still running (and what it started) when the server died must die too, not sleep on for minutes
     shm = f"/dev/shm/etpo-test-{os.getpid()}"  # /dev/shm: a place the audit hook lets a program write to
-    sleeper = body(f"import os, subprocess, time\np = subprocess.Popen(['sleep', '300'])\n"
-                   f"open('{shm}', 'w').write(f'{{os.getpid()}} {{p.pid}}')\ntime.sleep(300)")
-    killer = body(f"import os, signal, time\nwhile not os.path.exists('{shm}'):\n    time.sleep(0.05)\n"
-                  "time.sleep(0.2)\nos.kill(os.getppid(), signal.SIGKILL)")
+    sleeper = body(f"import ctypes, os, time\nchild = ctypes.CDLL(None).fork()\nif child == 0:\n    time.sleep(300)\n"
+                   f"open('{shm}', 'w').write(f'{{os.getpid()}} {{child}}')\ntime.sleep(300)")
+    killer = body(f"import ctypes, os, time\nwhile not os.path.exists('{shm}'):\n    time.sleep(0.05)\n"
+                  "time.sleep(0.2)\nctypes.CDLL(None).kill(os.getppid(), 9)")  # native code, as above
     sb = execution.Sandbox(workers=2)
     try:
         results = sb.run([sleeper, killer], iris, timeout=60)
@@ -460,8 +469,8 @@ def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
     # server and the running programs must live on: a program cut short would score -1, and the score would be cached
     sb = execution.Sandbox(workers=1)
     try:
-        signals = "    import os, signal\n    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):\n"
-        code = GOOD.replace("    from sklearn", signals + "        os.kill(os.getppid(), sig)\n"
+        signals = "    import ctypes, os, signal\n    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):\n"
+        code = GOOD.replace("    from sklearn", signals + "        ctypes.CDLL(None).kill(os.getppid(), sig)\n"
                             "        os.kill(os.getpid(), sig)\n    from sklearn", 1)
         reward, error = sb.run([code], iris, timeout=10)[0]
         assert error is None and reward > 0.9, error
