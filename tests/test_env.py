@@ -295,30 +295,29 @@ def test_bad_code_zoo(name, sandbox, iris):
     assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
 
 
-def test_n_jobs_minus_one_runs_in_the_programs_own_process(sandbox):
+def test_n_jobs_runs_in_the_programs_own_process(sandbox):
     # n_jobs=-1, common in scikit-learn code, started a joblib worker process per core in every program: with a
-    # program per core, a process per core per core in all (~0.1 GB each). The program counts the processes of its
-    # group after a parallel grid search; the reward is the one n_jobs=1 gets.
+    # program per core, a process per core per core in all (~0.1 GB each); n_jobs=4, 4 of them. The program counts
+    # the processes of its group after a parallel grid search; the reward is the one n_jobs=1 gets.
     code = """from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import GridSearchCV
 search = GridSearchCV(RandomForestClassifier(n_estimators=10, random_state=0), {'max_depth': [2, None]}, cv=3,
                       n_jobs=JOBS).fit(x_train, y_train)
-if JOBS == -1:
-    import os
+import os
 
-    def group_of(pid):  # (None for a process of the machine's that ended meanwhile)
-        try:
-            return int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[2])
-        except (OSError, IndexError, ValueError):
-            return None
+def group_of(pid):  # (None for a process of the machine's that ended meanwhile)
+    try:
+        return int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
-    group = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and group_of(p) == os.getpgid(0)]
-    assert not group, f'{len(group)} other processes'
+group = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and group_of(p) == os.getpgid(0)]
+assert not group, f'{len(group)} other processes'
 return search"""
     data = env.load_dataset("breast_cancer")
-    (parallel, error), (serial, _) = sandbox.run([body(code.replace("JOBS", "-1")), body(code.replace("JOBS", "1"))],
-                                                   data)
-    assert error is None and parallel == serial > 0.9
+    results = sandbox.run([body(code.replace("JOBS", jobs)) for jobs in ("-1", "4", "1")], data)
+    assert [error for _, error in results] == [None] * 3, results
+    assert results[0][0] == results[1][0] == results[2][0] > 0.9
 
 
 def _alive(pid):
