@@ -14,17 +14,17 @@ it ends or times out, children included, and when the server dies: Linux's PR_SE
 CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it, and the server says so
 when it starts), a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and HOME) that is deleted
 afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread and no joblib worker process
-(`n_jobs=-1` runs in the program's own process, an explicit `n_jobs=4` in 4 of its threads), fixed random seeds and
-string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets, and an error becomes
-the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the scratch
-directory, to start another process (a program's `pip install` would change the trainer's own packages) and to signal a
-process outside the program's group (the server: its death would fail the whole batch). The trainer talks to the server
-through a pipe with a deadline and restarts it if it dies; a server whose trainer dies kills its programs, removes their
-folders and exits at once. The server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which the trainer answers by
-finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect against deliberate
-escapes: native code (ctypes, and multiprocessing's spawn and forkserver start methods, which start their processes from
-C) bypasses the audit hook, a process that calls setsid leaves the process group, reading files and using the network
-are allowed. Run untrusted models in a container or VM if that matters to you.
+(`n_jobs=-1`, or an explicit `n_jobs=4`, runs in the program's own process, one task after another), fixed random seeds
+and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets, and an error
+becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the
+scratch directory, to start another process (a program's `pip install` would change the trainer's own packages) and to
+signal a process outside the program's group (the server: its death would fail the whole batch). The trainer talks to
+the server through a pipe with a deadline and restarts it if it dies; a server whose trainer dies kills its programs,
+removes their folders and exits at once. The server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which the
+trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect
+against deliberate escapes: native code (ctypes, and multiprocessing's spawn and forkserver start methods, which start
+their processes from C) bypasses the audit hook, a process that calls setsid leaves the process group, reading files and
+using the network are allowed. Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -365,7 +365,7 @@ class Sandbox:
         fixed = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         # and no joblib worker processes: n_jobs=-1 (a common idiom in scikit-learn code) would start a worker process
         # per core in every program, a process per core per core in all (1,024 on a 32-core machine, ~0.1 GB each).
-        # joblib then counts one core, runs n_jobs=-1 in the program's own process and n_jobs=4 in 4 of its threads
+        # With this, joblib runs every n_jobs (-1, 4, ...) in the program's own thread, one task after another
         fixed["JOBLIB_MULTIPROCESSING"] = "0"
         fixed["PYTHONHASHSEED"] = "0"  # the server's, and so its forked children's, set order: the same every run
         # if either step below fails, no program runs: that is no program's score, so it is a SandboxError
