@@ -280,7 +280,7 @@ ZOO = {  # name: (body, a phrase the error must contain)
     "subprocess": ("import subprocess\nsubprocess.run(['touch', '/tmp/etpo-escape.txt'])", "subprocess.Popen is not"),
     "fork_pool": ("import multiprocessing\nmultiprocessing.get_context('fork').Pool(2)", "os.fork is not allowed"),
     "kill_the_server": ("import os\nos.kill(os.getppid(), 9)", "os.kill of another process is not allowed"),
-    "kill_every_process": ("import os\nos.killpg(1, 0)", "os.killpg of another process is not allowed"),
+    "signal_another_group": ("import os\nos.killpg(1, 0)", "os.killpg of another process is not allowed"),
 }
 
 
