@@ -12,23 +12,25 @@ imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; th
 torch and OpenMP state do not survive fork). Each program gets: a new session and process group (killed as a whole when
 it ends or times out, children included, and when the server dies: Linux's PR_SET_PDEATHSIG), a wall-clock timeout, a
 CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it, and the server says so
-when it starts), a 4 MB limit on the files it writes, a scratch working directory (also TMPDIR and HOME) that is deleted
-afterwards, stdout/stderr captured to a file and truncated, one BLAS/OpenMP thread and no joblib worker process
-(`n_jobs=-1`, or an explicit `n_jobs=4`, runs in the program's own process, one task after another), fixed random seeds
-and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets, and an error
-becomes the next prompt), and a Python audit hook that refuses to open, create, delete or rename files outside the
-scratch directory, to start another process (a program's `pip install` would change the trainer's own packages) and to
-signal a process outside the program's group (the server: its death would fail the whole batch). The trainer talks to
-the server through a pipe with a deadline and restarts it if it dies; a server whose trainer dies kills its programs,
-removes their folders and exits at once. The server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which the
-trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT protect
-against deliberate escapes: native code (ctypes, and multiprocessing's spawn and forkserver start methods, which start
-their processes from C) bypasses the audit hook, a process that calls setsid leaves the process group, reading files and
-using the network are allowed. Run untrusted models in a container or VM if that matters to you.
+when it starts), a 4 MB limit on each file it writes and 256 MB on all of them (the server measures its scratch folder
+every 0.25 s), a scratch working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr captured to
+a file and truncated, one BLAS/OpenMP thread and no joblib worker process (`n_jobs=-1`, or an explicit `n_jobs=4`, runs
+in the program's own process, one task after another), fixed random seeds and string hashes (so a set prints in the same
+order in every run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook
+that refuses to open, create, delete or rename files outside the scratch directory, to start another process (a
+program's `pip install` would change the trainer's own packages) and to signal a process outside the program's group
+(the server: its death would fail the whole batch). The trainer talks to the server through a pipe with a deadline and
+restarts it if it dies; a server whose trainer dies kills its programs, removes their folders and exits at once. The
+server and its programs ignore SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a
+cluster stopping a job signals every process in it). It does NOT protect against deliberate escapes: native code
+(ctypes, and multiprocessing's spawn and forkserver start methods, which start their processes from C) bypasses the
+audit hook, a process that calls setsid leaves the process group, reading files and using the network are allowed. Run
+untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -56,6 +58,7 @@ import numpy as np
 
 
 MEMORY_MB = 4096  # each program's address-space cap, by default (Sandbox's memory_mb)
+DISK_MB = 256  # and what its files in the scratch folder may take of the disk (Sandbox's disk_mb)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a cluster stopping the job, Slurm's warning
 # before it does (sbatch --signal=B:USR1@600): train.py finishes its iteration on each, and the sandbox ignores them
 
@@ -202,15 +205,15 @@ def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
         os._exit(0)  # whatever happened: a forked child never returns into the server's code
 
 
-def _finish(status, timed_out, raw, scratch, job):
-    """(reward, error) from the child's exit status and what it wrote."""
+def _finish(status, killed, raw, scratch, job):
+    """(reward, error) from the child's exit status and what it wrote; killed: why the server killed it, or None."""
     try:
         result = json.loads(raw.decode().splitlines()[0])
         reward, error = float(result["reward"]), result["error"]
     except (ValueError, IndexError, KeyError, TypeError):
         reward, error = -1.0, None
-        if timed_out:
-            error = f"TimeoutError: the code ran longer than {job['timeout']} seconds"
+        if killed:
+            error = killed
         elif os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status))
             why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGSEGV: " (a crash in native code)"}.get(sig, "")
@@ -231,11 +234,12 @@ def _finish(status, timed_out, raw, scratch, job):
     return reward, error
 
 
-def _run_jobs(jobs, datasets, workers, memory_mb, trainer, max_output=4 << 20):
-    """Fork up to `workers` children at a time; kill each process group at exit or timeout; never wait on EOF.
+def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4 << 20):
+    """Fork up to `workers` children at a time; kill each process group at exit, at its timeout, or when its files
+    take more than disk_mb of the disk (the file-size limit caps each file, not their number); never wait on EOF.
     None if the trainer (pid `trainer`) died meanwhile: the programs still running are killed, not waited for."""
     pending, running, results = list(enumerate(jobs)), {}, [None] * len(jobs)
-    server_pid = os.getpid()
+    server_pid, next_disk_check = os.getpid(), 0.0
     while pending or running:
         while pending and len(running) < workers:
             i, job = pending.pop(0)
@@ -249,11 +253,18 @@ def _run_jobs(jobs, datasets, workers, memory_mb, trainer, max_output=4 << 20):
             os.set_blocking(r, False)
             running[pid] = (i, job, r, scratch, time.monotonic(), bytearray())
         orphaned = os.getppid() != trainer  # the trainer died (killed, say, by the system running out of memory)
+        check_disk = time.monotonic() >= next_disk_check  # every 0.25 s: a walk of each program's scratch folder
+        if check_disk:
+            next_disk_check = time.monotonic() + 0.25
         for pid, (i, job, r, scratch, start, buf) in list(running.items()):
             _drain(r, buf)
             done_pid, status = os.waitpid(pid, os.WNOHANG)
-            timed_out = not done_pid and time.monotonic() - start > job["timeout"]
-            if not done_pid and not timed_out and not orphaned:
+            killed = None
+            if not done_pid and time.monotonic() - start > job["timeout"]:
+                killed = f"TimeoutError: the code ran longer than {job['timeout']} seconds"
+            elif not done_pid and check_disk and _disk_use(scratch) > disk_mb << 20:
+                killed = f"OSError: the code wrote more than {disk_mb} MB of files; write less, or nothing"
+            if not done_pid and not killed and not orphaned:
                 continue
             for kill in (os.killpg, os.kill):  # the group: children the program left running die with it
                 try:
@@ -264,13 +275,23 @@ def _run_jobs(jobs, datasets, workers, memory_mb, trainer, max_output=4 << 20):
                 _, status = os.waitpid(pid, 0)
             _drain(r, buf)
             os.close(r)
-            results[i] = _finish(status, timed_out, bytes(buf), scratch, job)
+            results[i] = _finish(status, killed, bytes(buf), scratch, job)
             shutil.rmtree(scratch, ignore_errors=True)
             del running[pid]
         if orphaned:
             return None
         time.sleep(0.005)
     return results
+
+
+def _disk_use(folder):
+    """Bytes of the disk that the files below folder take (a file's blocks, and at least one block an entry)."""
+    total = 0
+    for top, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # (a file the program removed meanwhile)
+                total += max(os.lstat(os.path.join(top, name)).st_blocks * 512, 4096)
+    return total
 
 
 def _drain(fd, buf, limit=1 << 16):
@@ -313,7 +334,8 @@ def _serve(root):
             if request is None:  # the trainer closed the pipe: it ended, or died between batches
                 return
             datasets.update(request["datasets"])
-            results = _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"], trainer)
+            results = _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"],
+                                request["disk_mb"], trainer)
             if results is None:  # it died mid-batch
                 return
             _send(out, results)
@@ -357,8 +379,8 @@ def usable_cores():
 class Sandbox:
     """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
 
-    def __init__(self, workers=None, memory_mb=MEMORY_MB):
-        self.workers, self.memory_mb = workers or usable_cores(), memory_mb
+    def __init__(self, workers=None, memory_mb=MEMORY_MB, disk_mb=DISK_MB):
+        self.workers, self.memory_mb, self.disk_mb = workers or usable_cores(), memory_mb, disk_mb
         self.proc, self.root, self.sent, self.cache = None, None, set(), {}
 
     def _start(self):
@@ -404,7 +426,8 @@ class Sandbox:
         new = {} if dataset.key in self.sent else {dataset.key: (dataset.X, dataset.y, dataset.X_test, dataset.y_test)}
         deadline = time.monotonic() + 30 + (len(jobs) // self.workers + 1) * (timeout + 5)
         try:
-            request = {"datasets": new, "jobs": jobs, "workers": self.workers, "memory_mb": self.memory_mb}
+            request = {"datasets": new, "jobs": jobs, "workers": self.workers, "memory_mb": self.memory_mb,
+                       "disk_mb": self.disk_mb}
             _send(self.proc.stdin, request)
             self.sent.add(dataset.key)
             while time.monotonic() < deadline:

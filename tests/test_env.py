@@ -299,6 +299,24 @@ def test_bad_code_zoo(name, sandbox, iris):
     assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
 
 
+def test_a_program_that_fills_the_disk_is_stopped(iris):
+    # the file-size limit caps each file (4 MB), not their number: file after file, a program could fill the disk
+    # that holds the run's checkpoint within its time limit. This one writes 20 MB a second for up to 10 s
+    filler = body("import itertools, time\nfor i in itertools.count():\n"
+                  "    open(f'part{i}', 'wb').write(b'x' * (1 << 20))\n    time.sleep(0.05)")
+    modest = GOOD.replace("    from sklearn", "    for i in range(3):\n"
+                          "        open(f'part{i}', 'wb').write(b'x' * (3 << 20))\n    from sklearn", 1)  # 9 MB: under
+    sb = execution.Sandbox(workers=2, disk_mb=16)
+    try:
+        start = time.monotonic()
+        (reward, error), (modest_reward, modest_error) = sb.run([filler, modest], iris, timeout=10)
+        assert reward == -1.0 and error.startswith("OSError: the code wrote more than 16 MB of files"), error
+        assert time.monotonic() - start < 5
+        assert modest_error is None and modest_reward > 0.9
+    finally:
+        sb.close()
+
+
 def test_n_jobs_runs_in_the_programs_own_process(sandbox):
     # n_jobs=-1, common in scikit-learn code, started a joblib worker process per core in every program: with a
     # program per core, a process per core per core in all (~0.1 GB each); n_jobs=4, 4 of them. The program counts
