@@ -276,7 +276,7 @@ def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4
             _drain(r, buf)
             os.close(r)
             results[i] = _finish(status, killed, bytes(buf), scratch, job)
-            shutil.rmtree(scratch, ignore_errors=True)
+            _remove(scratch)
             del running[pid]
         if orphaned:
             return None
@@ -285,13 +285,30 @@ def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4
 
 
 def _disk_use(folder):
-    """Bytes of the disk that the files below folder take (a file's blocks, and at least one block an entry)."""
-    total = 0
-    for top, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):  # (a file the program removed meanwhile)
-                total += max(os.lstat(os.path.join(top, name)).st_blocks * 512, 4096)
+    """Bytes of the disk that the files below folder take: a file's blocks, and at least one block an entry. A list of
+    folders to visit, not os.walk, which before Python 3.12 recursed once per level: a program that makes 1,000
+    nested folders (os.mkdir and os.chdir in a loop) would end the server with a RecursionError."""
+    total, folders = 0, [folder]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:  # removed meanwhile, or a path longer than the system allows: not counted
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                total += max(entry.stat(follow_symlinks=False).st_blocks * 512, 4096)
     return total
+
+
+def _remove(folder):
+    """shutil.rmtree(folder), whatever a program left in it: before Python 3.13 rmtree recursed once per level of
+    folders, and a RecursionError in the server or the trainer would end it, so a tree that deep goes to rm -rf."""
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["rm", "-rf", folder], check=False)
 
 
 def _drain(fd, buf, limit=1 << 16):
@@ -342,7 +359,7 @@ def _serve(root):
     except BrokenPipeError:  # it died as the results were sent
         pass
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        _remove(root)
 
 
 def _send(f, obj):
@@ -397,7 +414,7 @@ class Sandbox:
             raise SandboxError(f"the sandbox could not start ({e.strerror or e}): free some space in "
                                f"{tempfile.gettempdir()}, or point TMPDIR at a folder that has some") from None
         fixed["TMPDIR"] = self.root
-        weakref.finalize(self, shutil.rmtree, self.root, True)  # and so does the exit, if close() is never called
+        weakref.finalize(self, _remove, self.root)  # and so does the exit, if close() is never called
         try:
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", self.root],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **fixed},
@@ -449,7 +466,7 @@ class Sandbox:
                 pass
             self.proc.wait()
             self.proc = None
-            shutil.rmtree(self.root, ignore_errors=True)
+            _remove(self.root)
 
 
 _SANDBOX = None

@@ -317,6 +317,23 @@ def test_a_program_that_fills_the_disk_is_stopped(iris):
         sb.close()
 
 
+def test_a_program_that_nests_folders_1500_deep_scores_and_leaves_nothing(iris):
+    # before Python 3.13 shutil.rmtree recursed once per level of folders (os.walk, before 3.12): removing this
+    # program's scratch folder raised RecursionError in the server, and then in the trainer's Sandbox.close
+    nest = GOOD.replace("    from sklearn", "    import os\n    top = os.getcwd()\n    for _ in range(1500):\n"
+                        "        os.makedirs('d', exist_ok=True)\n        os.chdir('d')\n    os.chdir(top)\n"
+                        "    from sklearn", 1)  # (build_model runs once per split: the same 1,500 each time)
+    sb = execution.Sandbox(workers=1)
+    try:
+        reward, error = sb.run([nest], iris, timeout=30)[0]
+        assert error is None and reward > 0.9, error
+        server = sb.proc.pid
+        assert sb.run([GOOD], iris, timeout=10)[0][1] is None and sb.proc.pid == server  # the same server goes on
+        assert os.listdir(sb.root) == []  # the 1,500 folders are gone
+    finally:
+        sb.close()
+
+
 def test_n_jobs_runs_in_the_programs_own_process(sandbox):
     # n_jobs=-1, common in scikit-learn code, started a joblib worker process per core in every program: with a
     # program per core, a process per core per core in all (~0.1 GB each); n_jobs=4, 4 of them. The program counts
