@@ -25,7 +25,9 @@ its programs, removes their folders and exits at once. The server and its progra
 which the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT
 protect against deliberate escapes: native code (ctypes, and multiprocessing's spawn and forkserver start methods, which
 start their processes from C) bypasses the audit hook, a process that calls setsid leaves the process group, reading
-files and using the network are allowed. Run untrusted models in a container or VM if that matters to you.
+files and using the network are allowed, and the reward is computed in the program's own process, so code that patches
+scikit-learn or reads its caller's frames (which hold the validation labels) could forge it. Run untrusted models in a
+container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
