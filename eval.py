@@ -70,6 +70,7 @@ LAST_STEPS = 160  # a training run's first-attempt reward: the mean over its ite
 # environment steps, a window of the same length for every algorithm (with the tiny preset: ETPO's last 5 iterations
 # of 32 steps, PPO-KL's last one of 5 x 32)
 OUT_OF_MEMORY = "the GPU ran out of memory; run again with a smaller --n-envs or --max-new-tokens"
+ADAPTER_OF = {"trained": "policy", "reference": None}  # the adapter each policy runs with (None: the base)
 BASELINES = {  # plain scikit-learn classifiers with default settings, a non-LLM reference
     "logistic_regression": "from sklearn.linear_model import LogisticRegression\n    model = LogisticRegression()",
     "random_forest": "from sklearn.ensemble import RandomForestClassifier\n    model = RandomForestClassifier()",
@@ -330,6 +331,31 @@ def export(args):
           f"transformers.AutoModelForCausalLM.from_pretrained({args.export!r})")
 
 
+def evaluate(lm, policies, datasets, sandbox, args, results):
+    """Every policy on every dataset for --seeds seeds, then the scikit-learn baselines; appends one row per run
+    to results. Returns None, or why it stopped mid-way (Ctrl-C, the GPU out of memory), so that the tables
+    still get the runs finished before it."""
+    try:
+        for dataset in datasets:
+            for policy in policies:
+                for seed in range(args.seeds):
+                    r = run_policy(lm, ADAPTER_OF[policy], dataset, sandbox, seed, args)
+                    results.append({"dataset": dataset.name, "method": policy, "seed": seed, **r})
+                    print(f"{dataset.name} {policy} seed {seed}: best {r['best']:.4f} held-out {r['heldout']:.4f} "
+                          f"success {r['success']:.2f}", flush=True)
+            for method, body in BASELINES.items():  # deterministic: one run stands for every seed
+                source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
+                (reward, _), heldout = sandbox.run([source], dataset)[0], heldout_auc(sandbox, source, dataset)
+                results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward,
+                                "heldout": heldout, "success": 1.0, "first_try": reward, "errors_by_step": [],
+                                "code": source})
+    except KeyboardInterrupt:
+        return "stopped by Ctrl-C"
+    except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
+        return OUT_OF_MEMORY
+    return None
+
+
 def main():
     args = parser.parse_args()
     text = check_arguments(args)
@@ -348,7 +374,6 @@ def main():
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]
-    adapter_of = {"trained": "policy", "reference": None}
     if "trained" in policies and not args.ckpt:
         sys.exit("error: --policies trained needs --ckpt")
     sandbox = execution.Sandbox()
@@ -365,25 +390,7 @@ def main():
     methods = policies + trained_methods + list(BASELINES)
     default = ",".join(dict.fromkeys(r["dataset_flag"] for r in results)) or config.get("dataset", "cmc")
     datasets = [load_dataset(name, args) for name in (args.datasets or default).split(",")]  # all, before any runs
-    stopped = None  # a Ctrl-C, or the GPU out of memory, mid-way: the tables still get the runs finished before it
-    try:
-        for dataset in datasets:
-            for policy in policies:
-                for seed in range(args.seeds):
-                    r = run_policy(lm, adapter_of[policy], dataset, sandbox, seed, args)
-                    results.append({"dataset": dataset.name, "method": policy, "seed": seed, **r})
-                    print(f"{dataset.name} {policy} seed {seed}: best {r['best']:.4f} held-out {r['heldout']:.4f} "
-                          f"success {r['success']:.2f}", flush=True)
-            for method, body in BASELINES.items():  # deterministic: one run stands for every seed
-                source = f"{env.SIGNATURE}    {body}\n    model.fit(x_train, y_train)\n    return model\n"
-                (reward, _), heldout = sandbox.run([source], dataset)[0], heldout_auc(sandbox, source, dataset)
-                results.append({"dataset": dataset.name, "method": method, "seed": 0, "best": reward,
-                                "heldout": heldout, "success": 1.0, "first_try": reward, "errors_by_step": [],
-                                "code": source})
-    except KeyboardInterrupt:
-        stopped = "stopped by Ctrl-C"
-    except torch.cuda.OutOfMemoryError:  # the rollouts hold B x (P + T) keys and values: B is --n-envs
-        stopped = OUT_OF_MEMORY
+    stopped = evaluate(lm, policies, datasets, sandbox, args, results)
     sandbox.close()
     if stopped and not results:
         sys.exit(f"error: {stopped}")
@@ -402,7 +409,7 @@ def main():
         sys.exit(f"error: {stopped}; {args.out}/table.md and results.csv hold the runs finished before it")
     if args.perplexity:
         for policy in policies:
-            print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, adapter_of[policy], text):.4f}")
+            print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, ADAPTER_OF[policy], text):.4f}")
     if args.credit:
         rows = credit_view(lm, datasets[0], config["beta"], args)
         print(render_credit(rows, os.path.join(args.out, "credit.html")))

@@ -347,6 +347,37 @@ def batch_sizes(text):
     return values
 
 
+def print_by_module(config, name, B, P, T, fused_norm=True):
+    """--by-module: where the bytes of one update go, by the modules whose forwards move them, and the backward."""
+    with FakeTensorMode():
+        lm = random_lm(config, fused_norm)
+        optimizers = adamw(lm)
+        update(lm, optimizers, B, P, T)  # creates the AdamW state
+        with OperatorsByModule(lm) as ops:
+            update(lm, optimizers, B, P, T)
+    print(f"| {name}, one update B={B} P={P} T={T}, by module | kernels | GB moved | share of the bytes | "
+          "largest operators (GB) |\n|---|---|---|---|---|")
+    for where, (kernels, moved) in sorted(ops.by_module.items(), key=lambda item: -item[1][1]):
+        largest = ", ".join(f"{op} {b / 1e9:,.3g}" for op, b in ops.by_operator[where].most_common(4))
+        print(f"| {where} | {kernels:,} | {moved / 1e9:,.4g} | {moved / ops.bytes:.1%} | {largest} |")
+    print(f"| all | {ops.kernels:,} | {ops.bytes / 1e9:,.4g} | | |")
+
+
+def print_real_check(config, B, P, T, fused_norm=True):
+    """The check (--model tiny): the same update, rollout and decode step on real tensors, beside the simulation,
+    whose counts must be equal."""
+    for shared, checkpointing in [(False, False), (False, True), (True, False)]:
+        real, simulated = (simulate(config, B, P, T, checkpointing, fake, shared, fused_norm)[1]
+                           for fake in (False, True))
+        print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | {real:,} bytes | simulated: "
+              f"{simulated:,} bytes | |")
+    real, simulated = (simulate_rollout(config, B, P, T, fake, fused_norm) for fake in (False, True))
+    print(f"| rollout B={B}, on real tensors here | {real:,} bytes | simulated: {simulated:,} bytes | |")
+    real, simulated = (decode_step(config, B, P, T, fake, fused_norm)[:2] for fake in (False, True))
+    print(f"| decode step B={B}, on real tensors here | {real[0]:,} kernels, {real[1]:,} bytes moved | "
+          f"simulated: {simulated[0]:,} kernels, {simulated[1]:,} bytes moved | |")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Simulate the memory and the operators of ETPO's update and rollout.")
     parser.add_argument("--model", default="codellama-7b-arch", help="codellama-7b-arch, tiny, or a Hugging Face "
@@ -371,20 +402,8 @@ def main():
         simulate(config, 1, P, T, fused_norm=fused_norm)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.by_module:  # where the bytes of one update go: the modules whose forwards move them, and the backward
-        with FakeTensorMode():
-            lm = random_lm(config, fused_norm)
-            optimizers = adamw(lm)
-            update(lm, optimizers, B, P, T)  # creates the AdamW state
-            with OperatorsByModule(lm) as ops:
-                update(lm, optimizers, B, P, T)
-        print(f"| {name}, one update B={B} P={P} T={T}, by module | kernels | GB moved | share of the bytes | "
-              "largest operators (GB) |\n|---|---|---|---|---|")
-        for where, (kernels, moved) in sorted(ops.by_module.items(), key=lambda item: -item[1][1]):
-            largest = ", ".join(f"{op} {b / 1e9:,.3g}" for op, b in ops.by_operator[where].most_common(4))
-            print(f"| {where} | {kernels:,} | {moved / 1e9:,.4g} | {moved / ops.bytes:.1%} | {largest} |")
-        print(f"| all | {ops.kernels:,} | {ops.bytes / 1e9:,.4g} | | |")
-        return
+    if args.by_module:
+        return print_by_module(config, name, B, P, T, fused_norm)
     print(f"| {name}, P={P} T={T}, simulated{', transformers RMSNorm' if args.transformers_norm else ''} | peak of "
           "the update | held before it (weights, adapters, AdamW state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []
@@ -420,16 +439,7 @@ def main():
         print(f"| operators of one update B={B}{', one shared prompt' if shared else ''} | {ops.kernels:,} kernels | "
               f"{ops.bytes / 1e9:,.4g} GB moved | {counted_flops(counter)[0]:.4g} FLOP in matmuls |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
-        for shared, checkpointing in [(False, False), (False, True), (True, False)]:
-            real, simulated = (simulate(config, B, P, T, checkpointing, fake, shared, fused_norm)[1]
-                               for fake in (False, True))
-            print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | {real:,} bytes | simulated: "
-                  f"{simulated:,} bytes | |")
-        real, simulated = (simulate_rollout(config, B, P, T, fake, fused_norm) for fake in (False, True))
-        print(f"| rollout B={B}, on real tensors here | {real:,} bytes | simulated: {simulated:,} bytes | |")
-        real, simulated = (decode_step(config, B, P, T, fake, fused_norm)[:2] for fake in (False, True))
-        print(f"| decode step B={B}, on real tensors here | {real[0]:,} kernels, {real[1]:,} bytes moved | "
-              f"simulated: {simulated[0]:,} kernels, {simulated[1]:,} bytes moved | |")
+        print_real_check(config, B, P, T, fused_norm)
 
 
 if __name__ == "__main__":
