@@ -183,15 +183,21 @@ def warm_start(corpus, steps, seed, cache_dir, path):
         loss.backward()
         opt.step()
     hf.eval()
-    # written whole into a folder of this process, then renamed: where the folder cannot be locked (one_builder),
-    # runs started together each build the model, and none may load a folder that another is still writing
+    save_whole(hf, tok, path, cache_dir, {"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)})
+    print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
+
+
+def save_whole(hf, tok, path, cache_dir, info):
+    """Save the model, its tokenizer and the `done` marker (info) into `path`: written whole into a folder of this
+    process, then renamed. Where the folder cannot be locked (one_builder), runs started together each build the
+    model, and none may load a folder that another is still writing."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "done"), "w") as f:
-            json.dump({"seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}, f)
+            json.dump(info, f)
         for name in os.listdir(tmp):  # the bytes reach the disk before the rename, as in train.py's replace_file:
             with open(os.path.join(tmp, name), "rb") as f:  # after a power cut no `done` stands beside empty weights
                 os.fsync(f.fileno())
@@ -206,4 +212,3 @@ def warm_start(corpus, steps, seed, cache_dir, path):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise cache_error(cache_dir, e) from None
-    print(f"built the tiny model in {time.time() - t0:.1f} s (final supervised loss {loss.item():.3f}) -> {path}")
