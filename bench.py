@@ -381,6 +381,21 @@ def largest_batch(shared):
 if args.max_batch and cuda:
     largest_batch(shared=False)
 
+# 4b. the two ways train.py lowers an update's memory when it runs out (update_within_memory): micro-batches, which
+# add no FLOPs but run smaller matmuls, then gradient checkpointing, which recomputes each block's forward
+for micro, checkpointing in [*((m, False) for m in dict.fromkeys([max(1, B // 4), 1])), (0, True)]:
+    if checkpointing:
+        model.checkpoint_activations(lm.hf)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    lowered = timed(lambda: update(lm, optimizers, B, P, T, micro_batch=micro), args.iters)
+    how = "gradient checkpointing" if checkpointing else f"micro-batches of {micro} row{'s' * (micro > 1)}"
+    row(f"| update B={B}, {how} | {lowered * 1e3:,.0f} ms | {lowered / seconds:.2f}x the time of the whole batch at "
+        f"once ({flops / lowered / peak_flops:.0%} MFU) | {peak_memory()} |")
+disable = getattr(lm.hf, "activation_checkpointing_disable", None) or lm.hf.gradient_checkpointing_disable  # (5.25's
+disable()  # name, and the one before) back to the update as train.py starts it
+lm.hf.eval()
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. transformers' torch.cat cache, for comparison with the static one
 rollout_rows("dynamic cache")

@@ -55,12 +55,13 @@ def adamw(lm):
     return {name: torch.optim.AdamW(lm.adapter_params(name), lr=1e-4, weight_decay=0.0) for name in ("q", "policy")}
 
 
-def update(lm, optimizers, B, P, T, shared=False):
+def update(lm, optimizers, B, P, T, shared=False, micro_batch=0):
     """One full ETPO update on random tokens: train.py's steps 3-6 at the paper's settings (one Q step, no
     conservative penalty), gradient clipping and AdamW included, its logged statistics left out. shared: every row
     has the same prompt, as at an episode's first step (action_logits then runs the prompt once per sequence of
-    model.rows_per_sequence rows); else B different prompts, each of P tokens, with actions of T. Returns the bytes
-    each transition keeps between the rollout and the update."""
+    model.rows_per_sequence rows); else B different prompts, each of P tokens, with actions of T. micro_batch: rows
+    per forward and backward of steps 4 and 5 (train.py --micro-batch), 0 = all B. Returns the bytes each transition
+    keeps between the rollout and the update."""
     device = lm.device
     if shared:
         prompt_ids, prompt_mask = random_prompts(lm, 1, P)
@@ -89,20 +90,27 @@ def update(lm, optimizers, B, P, T, shared=False):
                                torch.zeros(B, device=device), 0.99)
         del pi_logits, q_tgt
     stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
-    with lm.adapter("q"):  # 4. Q update
-        q_taken = lm.action_logits(*action).gather(-1, tokens[..., None])[..., 0].float() - ref_taken
-        loss = etpo.q_loss(q_taken, y, mask)
-        optimizers["q"].zero_grad(set_to_none=True)  # as in train.py: a gradient lives until the next zero_grad
-        loss.backward()
+    step = micro_batch or B
+    parts = [slice(start, start + step) for start in range(0, B, step)]  # the micro-batches' rows
+
+    def part(rows):
+        return (*(t[rows] for t in action[:4]), None if prompts is None else prompts[rows])
+
+    optimizers["q"].zero_grad(set_to_none=True)  # 4. Q update
+    for rows in parts:
+        with lm.adapter("q"):
+            q_taken = lm.action_logits(*part(rows)).gather(-1, tokens[rows][..., None])[..., 0].float()
+            loss = etpo.q_loss(q_taken - ref_taken[rows], y[rows], mask[rows])
+            (loss * (mask[rows].sum() / mask.sum())).backward()
     torch.nn.utils.clip_grad_norm_(lm.adapter_params("q"), 1.0)
     optimizers["q"].step()
-    with torch.no_grad():  # 5. policy update (the reference logits are kept from step 3)
-        with lm.adapter("q"):
-            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)
-    with lm.adapter("policy"):
-        loss = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, 0.01, mask)
-        optimizers["policy"].zero_grad(set_to_none=True)
-        loss.backward()
+    optimizers["policy"].zero_grad(set_to_none=True)  # 5. policy update (the reference logits are kept from step 3)
+    for rows in parts:
+        with torch.no_grad(), lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*part(rows)), ref_logits[rows])
+        with lm.adapter("policy"):
+            loss = etpo.policy_loss(lm.action_logits(*part(rows)), q, ref_logits[rows], 0.01, mask[rows])
+            (loss * (mask[rows].sum() / mask.sum())).backward()
     torch.nn.utils.clip_grad_norm_(lm.adapter_params("policy"), 1.0)
     optimizers["policy"].step()
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), 0.005)  # 6.
@@ -223,7 +231,7 @@ def random_lm(config, fused_norm=True):
     return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type, fused_norm=fused_norm)
 
 
-def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True):
+def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True, micro_batch=0):
     """(bytes held before an update, bytes at its peak) for the update of B rows (P prompt and T action tokens) on a
     model of this architecture with random bf16 weights, measured in the second of two updates (the first creates
     the AdamW state). fake=False runs the same on real tensors, to check the simulation; shared: one prompt for all
@@ -234,9 +242,9 @@ def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fuse
             if checkpointing:
                 model.checkpoint_activations(lm.hf)
             optimizers = adamw(lm)
-            update(lm, optimizers, B, P, T, shared)
+            update(lm, optimizers, B, P, T, shared, micro_batch)
             memory.peak = before = memory.live
-            update(lm, optimizers, B, P, T, shared)
+            update(lm, optimizers, B, P, T, shared, micro_batch)
             return before, memory.peak
     except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
         import transformers
@@ -246,9 +254,10 @@ def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fuse
                            "later run it)") from None
 
 
-def case(shared, checkpointing):  # the label of a simulated update in the table
+def case(shared, checkpointing, micro_batch=0):  # the label of a simulated update in the table
     prompts = "one shared prompt, " if shared else ""
-    return prompts + ("gradient checkpointing" if checkpointing else "no checkpointing")
+    parts = f"micro-batches of {micro_batch} row{'s' * (micro_batch > 1)}, " if micro_batch else ""
+    return prompts + parts + ("gradient checkpointing" if checkpointing else "no checkpointing")
 
 
 def simulate_rollout(config, B, P, T, fake=True, fused_norm=True):
@@ -366,11 +375,14 @@ def print_by_module(config, name, B, P, T, fused_norm=True):
 def print_real_check(config, B, P, T, fused_norm=True):
     """The check (--model tiny): the same update, rollout and decode step on real tensors, beside the simulation,
     whose counts must be equal."""
-    for shared, checkpointing in [(False, False), (False, True), (True, False)]:
-        real, simulated = (simulate(config, B, P, T, checkpointing, fake, shared, fused_norm)[1]
+    # In micro-batches the fake update holds a little more than the real one: a forward drops the left padding that
+    # all of its rows share (random_prompts pads row b by b tokens), and a fake one cannot see it, nor that a mask
+    # of one row with none has no padding to build an attention mask for. So it is an upper bound there.
+    for shared, checkpointing, micro in [(False, False, 0), (False, True, 0), (True, False, 0), (False, False, 1)]:
+        real, simulated = (simulate(config, B, P, T, checkpointing, fake, shared, fused_norm, micro)[1]
                            for fake in (False, True))
-        print(f"| update B={B}, {case(shared, checkpointing)}, on real tensors here | {real:,} bytes | simulated: "
-              f"{simulated:,} bytes | |")
+        print(f"| update B={B}, {case(shared, checkpointing, micro)}, on real tensors here | {real:,} bytes | "
+              f"simulated: {simulated:,} bytes | |")
     real, simulated = (simulate_rollout(config, B, P, T, fake, fused_norm) for fake in (False, True))
     print(f"| rollout B={B}, on real tensors here | {real:,} bytes | simulated: {simulated:,} bytes | |")
     real, simulated = (decode_step(config, B, P, T, fake, fused_norm)[:2] for fake in (False, True))
@@ -416,6 +428,9 @@ def main():
         n = largest_batch(peak_at, B, budget)
         fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
         largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
+    run = functools.cache(lambda n: simulate(config, n, P, T, micro_batch=1, fused_norm=fused_norm))  # train.py's
+    print(f"| update B={B}, {case(False, False, 1)} | {run(B)[1] / gib:.3g} GiB | {run(B)[0] / gib:.3g} GiB | "  # last
+          f"{(run(2 * B)[1] - run(B)[1]) / B / gib:.3g} GiB |")  # step before checkpointing: one row at a time
     print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
           + " | |")
     rollouts = {n: simulate_rollout(config, n, P, T, fused_norm=fused_norm)

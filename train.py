@@ -25,6 +25,7 @@ episode's step limit) so that GAE has episodes to run over; ETPO needs one.
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -62,8 +63,11 @@ parser.add_argument("--lora-rank", type=int, default=16, help="rank r of the LoR
 parser.add_argument("--lora-targets", default=",".join(model.LLAMA_TARGETS),
                     help="comma-separated names of the linear layers given adapters (default: every Llama projection)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+parser.add_argument("--micro-batch", type=int, default=0, help="rows per forward and backward of an update, 0 = all "
+                    "of them (ETPO: B; PPO-KL: a minibatch): less memory, the same gradient (otherwise halved at each "
+                    "update that runs out of GPU memory)")
 parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing from the start: less memory, "
-                    "more compute (otherwise on from the first update that runs out of GPU memory)")
+                    "more compute (otherwise on once micro-batches of one row run out of GPU memory)")
 # rollout
 parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per action (paper 256)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of rollouts (paper 0.5)")
@@ -182,7 +186,7 @@ if args.resume:
         fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
-            "checkpointing", "cuda_graph"}  # how to run, not what: these may change when a run continues
+            "checkpointing", "micro_batch", "cuda_graph"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
     for key in sorted(given - keep):  # a flag that would be silently overridden by the saved value
         if key in saved and getattr(args, key) != saved[key]:
@@ -198,7 +202,8 @@ checks = [  # a value out of range ends here with one sentence, not with a divis
     (("n_envs", "episode_steps", "rollout_steps", "max_new_tokens", "lora_rank", "q_steps", "ppo_epochs", "minibatches",
       "save_every", "workers", "beta", "lr", "timeout", "huber_delta"), lambda v: v > 0, "must be positive"),
     (("gamma", "tau", "lam", "gae_lambda", "clip"), lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-    (("temperature", "top_k", "conservative", "grad_clip", "sample_every"), lambda v: v >= 0, "must be 0 or more")]
+    (("temperature", "top_k", "conservative", "grad_clip", "sample_every", "micro_batch"), lambda v: v >= 0,
+     "must be 0 or more")]
 for names, ok, rule in checks:
     for name in names:
         if getattr(args, name) is not None and not ok(getattr(args, name)):  # None: the default (all usable cores, MSE)
@@ -212,11 +217,15 @@ if checkpoint is not None and checkpoint["it"] >= iterations:  # said before the
     fail(f"{out} has run its {checkpoint['it']} iterations ({checkpoint['env']['env_steps']} environment steps) "
          "already: to train on, pass a larger --steps with --resume")
 adapters = ("policy", "q", "q_target") if args.algo == "etpo" else ("policy", "value")
-# gradient checkpointing: on with the flag, or for good once an update has run out of GPU memory without it (in this
-# run or before its checkpoint; update_within_memory below)
+# micro-batches and gradient checkpointing: as the flags say, or as the run lowered them for good when an update ran
+# out of GPU memory (in this run or before its checkpoint; update_within_memory below)
+micro_batch = min([m for m in (args.micro_batch, checkpoint and checkpoint.get("micro_batch")) if m] or [0])
 checkpointing = args.checkpointing or bool(checkpoint and checkpoint.get("checkpointing"))
 print("config:", json.dumps(vars(args)))
 print(f"derived: {iterations} iterations of {args.rollout_steps} x {args.n_envs} environment steps; run folder {out}"
+      + (f"; micro-batches of {micro_batch} row{'s' * (micro_batch > 1)}, as the run lowered them when its update "
+         "ran out of GPU memory"
+         if micro_batch != args.micro_batch else "")
       + ("; gradient checkpointing on, as the run turned it on when its update ran out of GPU memory"
          if checkpointing and not args.checkpointing else ""))
 
@@ -286,8 +295,8 @@ replace_file(metrics_path, lambda f: f.write("".join(kept).encode()))
 def save_checkpoint(it):
     """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
     state = {"adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
-             "config": vars(args), "checkpointing": checkpointing, "env": coding_env.state_dict(),
-             "reward_cache": sandbox.cache,
+             "config": vars(args), "checkpointing": checkpointing, "micro_batch": micro_batch,
+             "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "generator": generator.get_state()}}
     replace_file(ckpt_path, lambda f: torch.save(state, f))
@@ -314,10 +323,11 @@ for sig in execution.STOP_SIGNALS:
 
 @contextlib.contextmanager
 def gpu_advice(stage, prompt_tokens=None):
-    """A CUDA out-of-memory error (in the update, only with gradient checkpointing on: update_within_memory), or with
-    --cuda-graph any error in the rollout (its graph has been checked on the CPU, not yet on a GPU), ends the run
-    with one sentence of advice instead of a traceback; the checkpoint on disk (written only between iterations) is
-    left as it was. prompt_tokens: the batch's longest prompt, which the update's memory grows with."""
+    """A CUDA out-of-memory error (in the update, only in micro-batches of one row with gradient checkpointing on:
+    update_within_memory), or with --cuda-graph any error in the rollout (its graph has been checked on the CPU, not
+    yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk (written
+    only between iterations) is left as it was. prompt_tokens: the batch's longest prompt, which the update's memory
+    grows with."""
     resume = resume_command()
     try:
         yield
@@ -350,12 +360,26 @@ def optimizer_step(name, loss):
     return True
 
 
-def etpo_update(action, lengths, rewards, dones, next_prompts):
-    # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
-    prompt_ids, prompt_mask, tokens, mask, prompts = action  # prompts: rows with one prompt share its forward
-    # 3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
-    # pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k
-    # only chose which prefixes were visited, and the Q regression is valid for any behaviour policy.
+def micro_batches(n):
+    """Rows 0 .. n-1 as slices of --micro-batch rows (all n when it is 0), one forward and backward each. A loss that
+    is a mean over the batch is the sum over its micro-batches of each one's mean times its share, so their gradients
+    add up to the batch's: the same step, and only one micro-batch's activations held at a time."""
+    step = micro_batch or n
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def rows_of(action, rows):
+    """The rows (a slice, or a tensor of indices) of an action: prompt ids, prompt mask, tokens, mask, prompt texts."""
+    texts = action[4][rows] if isinstance(rows, slice) else [action[4][i] for i in rows.tolist()]
+    return (*(t[rows] for t in action[:4]), texts)
+
+
+def etpo_targets(action, lengths, rewards, dones, next_prompts):
+    """3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
+    pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k only
+    chose which prefixes were visited, and the Q regression is valid for any behaviour policy. Returns y (B, T), the
+    reference logits (B, T, V) and their value at the taken tokens (B, T), and the statistics to log."""
+    tokens, mask = action[2], action[3]
     with torch.no_grad():
         with lm.adapter(None):
             ref_logits = lm.action_logits(*action)  # (B, T, V) pi_bar
@@ -383,38 +407,56 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
         # ETPO eq. 6: y = V(x^{j+1}) inside the action, y = r + gamma * (1 - done) * V(x_{t+1}^0) on its last token
         y = etpo.token_targets(values, lengths, rewards, next_values, dones, args.gamma, lam=args.lam,
                                q_target_taken=q_tgt_taken)  # (B, T)
+    stats = {"policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "q/rare_mass": rare_mass.item()}
+    return y, ref_logits, ref_taken, stats
 
-    # 4. Q update on the q adapter: regress Q(x^{j-1}, w^j) = l_Q[w] - l_bar[w] on the sampled tokens to y
-    losses_q, finite = [], True
+
+def etpo_update(action, lengths, rewards, dones, next_prompts):
+    # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
+    tokens, mask = action[2], action[3]  # action[4], the prompts: rows with one prompt share its forward
+    # 3. no gradient: the per-token targets y (B, T) of ETPO eq. 6, and the reference logits (B, T, V)
+    y, ref_logits, ref_taken, stats = etpo_targets(action, lengths, rewards, dones, next_prompts)
+
+    # 4. Q update on the q adapter: regress Q(x^{j-1}, w^j) = l_Q[w] - l_bar[w] on the sampled tokens to y (the mean
+    # over real tokens: each micro-batch's mean times its share of the tokens)
+    losses_q, finite, q_taken = [], True, torch.zeros_like(y)  # q_taken (B, T): Q of the taken tokens, logged
     for _ in range(args.q_steps):
-        with lm.adapter("q"):
-            q_logits = lm.action_logits(*action)  # (B, T, V)
-            q_taken = q_logits.gather(-1, tokens[..., None])[..., 0].float() - ref_taken  # (B, T)
-            loss_q = etpo.q_loss(q_taken, y, mask, args.huber_delta)
-            if args.conservative:  # optional departure: + alpha * mean( V*(x) - Q(x, w_taken) )
-                q_all = etpo.q_from_logits(q_logits, ref_logits)  # (B, T, V)
-                loss_q = loss_q + args.conservative * etpo.conservative_penalty(q_all, ref_logits, tokens, args.beta,
-                                                                                 mask)
-            optimizers["q"].zero_grad(set_to_none=True)
-            loss_q.backward()
+        optimizers["q"].zero_grad(set_to_none=True)
+        loss_q = 0.0
+        for rows in micro_batches(len(tokens)):
+            share = mask[rows].sum() / mask.sum()
+            with lm.adapter("q"):
+                q_logits = lm.action_logits(*rows_of(action, rows))  # (b, T, V)
+                taken = q_logits.gather(-1, tokens[rows][..., None])[..., 0].float() - ref_taken[rows]  # (b, T)
+                loss = etpo.q_loss(taken, y[rows], mask[rows], args.huber_delta)
+                if args.conservative:  # optional departure: + alpha * mean( V*(x) - Q(x, w_taken) )
+                    q_all = etpo.q_from_logits(q_logits, ref_logits[rows])  # (b, T, V)
+                    loss = loss + args.conservative * etpo.conservative_penalty(q_all, ref_logits[rows], tokens[rows],
+                                                                                 args.beta, mask[rows])
+                (loss * share).backward()
+            loss_q = loss_q + loss.detach() * share
+            q_taken[rows] = taken.detach()
         finite &= optimizer_step("q", loss_q)
         losses_q.append(loss_q.item())
 
     # 5. policy update on the policy adapter: KL(pi_theta || pi*) with pi* ~ pi_bar * exp(Q / beta), Q held fixed
-    with torch.no_grad():  # the reference logits are kept from step 3 (B x T x V float32: 262 MB at B=8 for CodeLlama)
-        with lm.adapter("q"):
-            q = etpo.q_from_logits(lm.action_logits(*action), ref_logits)  # (B, T, V) online Q
-    with lm.adapter("policy"):
-        loss_pi = etpo.policy_loss(lm.action_logits(*action), q, ref_logits, args.beta, mask)
-        optimizers["policy"].zero_grad(set_to_none=True)
-        loss_pi.backward()
+    # (the reference logits are kept from step 3: B x T x V float32, 262 MB at B=8 for CodeLlama)
+    optimizers["policy"].zero_grad(set_to_none=True)
+    loss_pi = 0.0
+    for rows in micro_batches(len(tokens)):
+        part, share = rows_of(action, rows), mask[rows].sum() / mask.sum()
+        with torch.no_grad(), lm.adapter("q"):
+            q = etpo.q_from_logits(lm.action_logits(*part), ref_logits[rows])  # (b, T, V) online Q
+        with lm.adapter("policy"):
+            loss = etpo.policy_loss(lm.action_logits(*part), q, ref_logits[rows], args.beta, mask[rows])
+            (loss * share).backward()
+        loss_pi = loss_pi + loss.detach() * share
     finite &= optimizer_step("policy", loss_pi)
 
     # 6. Polyak: phi_bar <- (1 - tau) * phi_bar + tau * phi
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), args.tau)
-    q_taken = q_taken.detach()  # how far back credit has travelled: Q of the first and of the last tokens
-    return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(), "policy/kl_ref": kl_ref.item(),
-                    "policy/entropy": entropy.item(), "q/rare_mass": rare_mass.item(),
+    # how far back credit has travelled: Q of the first and of the last tokens
+    return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(), **stats,
                     "q/first_token": float(q_taken[:, 0].mean()),
                     "q/last_token": float(q_taken.gather(1, (lengths - 1)[:, None]).mean())}
 
@@ -442,21 +484,31 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
         if len(advantages) > 1:  # per-batch, as cleanrl ppo.py (one action has no std: it stays as it is)
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-    # 4-5. epochs of minibatches: the clipped surrogate on the policy adapter, the value loss on the value adapter
+    # 4-5. epochs of minibatches: the clipped surrogate on the policy adapter, the value loss on the value adapter,
+    # each minibatch in micro-batches (the surrogate is a mean over real tokens, the value loss over rows)
     losses_pi, losses_v, finite = [], [], True
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(K * N).chunk(args.minibatches):
-            mb_action = (*(t[mb] for t in action[:4]), [prompts[i] for i in mb.tolist()])
-            with lm.adapter("policy"):
-                logp = ppo_kl.taken_logp(lm.action_logits(*mb_action), tokens[mb])  # (mb, T)
-                loss_pi = ppo_kl.clipped_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], args.clip)
-                optimizers["policy"].zero_grad(set_to_none=True)
-                loss_pi.backward()
+            optimizers["policy"].zero_grad(set_to_none=True)
+            loss_pi = 0.0
+            for part in micro_batches(len(mb)):
+                rows = mb[part]
+                share = mask[rows].sum() / mask[mb].sum()
+                with lm.adapter("policy"):
+                    logp = ppo_kl.taken_logp(lm.action_logits(*rows_of(action, rows)), tokens[rows])  # (b, T)
+                    loss = ppo_kl.clipped_policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], args.clip)
+                    (loss * share).backward()
+                loss_pi = loss_pi + loss.detach() * share
             finite &= optimizer_step("policy", loss_pi)
-            with lm.adapter("value"):
-                loss_v = ppo_kl.value_loss(lm.state_value(*mb_action[:2], mb_action[4]), returns[mb])
-                optimizers["value"].zero_grad(set_to_none=True)
-                loss_v.backward()
+            optimizers["value"].zero_grad(set_to_none=True)
+            loss_v = 0.0
+            for part in micro_batches(len(mb)):
+                rows, share = mb[part], len(mb[part]) / len(mb)
+                with lm.adapter("value"):
+                    part_action = rows_of(action, rows)
+                    loss = ppo_kl.value_loss(lm.state_value(*part_action[:2], part_action[4]), returns[rows])
+                    (loss * share).backward()
+                loss_v = loss_v + loss.detach() * share
             finite &= optimizer_step("value", loss_v)
             losses_pi.append(loss_pi.item())
             losses_v.append(loss_v.item())
@@ -468,30 +520,43 @@ update = etpo_update if args.algo == "etpo" else ppo_kl_update
 
 
 def update_within_memory(*transitions):
-    """update(*transitions); if it runs out of GPU memory without gradient checkpointing, the same update again with
-    checkpointing, which then stays on for the run (and its resumptions). First the adapters, the optimizers' state
-    and torch's RNG go back to the copy taken on the CPU before the update, so that no step is taken twice (for
-    CodeLlama-7B about 1.1 GB a copy: three adapters of 40 M float32 parameters and two AdamW states of two each)."""
-    global checkpointing
-    if checkpointing:
-        return update(*transitions)
+    """update(*transitions), and if it runs out of GPU memory, the same update again with less: in micro-batches of
+    half as many rows, down to one row (no extra compute), then with gradient checkpointing too (one more forward per
+    backward). What it lowers stays lowered for the run (and its resumptions). Before each new attempt the adapters, the
+    optimizers' state and torch's RNG go back to the copy taken on the CPU before the update, so that no step is taken
+    twice (for CodeLlama-7B about 1.1 GB a copy: three adapters of 40 M float32 parameters and two AdamW states of two
+    each)."""
+    global checkpointing, micro_batch
+    most = batch if args.algo == "etpo" else math.ceil(batch / args.minibatches)  # the rows of a whole forward
+    lowest = lambda: checkpointing and min(micro_batch or most, most) == 1  # noqa: E731 (nothing left to lower)
+    if lowest():
+        return update(*transitions)  # an out-of-memory error ends the run (gpu_advice)
     weights, rng = lm.adapter_state(), torch.get_rng_state()
     states = {name: cpu_copy(opt.state_dict()) for name, opt in optimizers.items()}
-    try:
-        return update(*transitions)
-    except torch.cuda.OutOfMemoryError:
-        pass  # the update runs again below, once this error's traceback has let go of the failed attempt's tensors
-    lm.load_adapter_state(weights)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(states[name])
-        opt.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng)
-    model.checkpoint_activations(lm.hf)
-    checkpointing = True
-    print(f"warning: iteration {it + 1}: the update ran out of GPU memory at B = {batch} with prompts of up to "
-          f"{transitions[0][0].shape[1]} tokens; it runs again with gradient checkpointing, which stays on for the "
-          "rest of the run (--checkpointing turns it on from the start)")
-    return update(*transitions)
+    while True:
+        try:
+            return update(*transitions)
+        except torch.cuda.OutOfMemoryError:
+            if lowest():
+                raise
+        # (here, once the error's traceback has let go of the failed attempt's tensors)
+        lm.load_adapter_state(weights)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(states[name])
+            opt.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        rows = min(micro_batch or most, most)  # of one forward in the attempt that failed
+        if rows > 1:
+            micro_batch = (rows + 1) // 2
+            how = (f"in micro-batches of {micro_batch} row{'s' * (micro_batch > 1)}, which stay for the rest of the "
+                   "run (--micro-batch sets them from the start)")
+        else:
+            model.checkpoint_activations(lm.hf)
+            checkpointing = True
+            how = ("with gradient checkpointing, which stays on for the rest of the run (--checkpointing turns it "
+                   "on from the start)")
+        print(f"warning: iteration {it + 1}: the update ran out of GPU memory at B = {batch} with prompts of up to "
+              f"{transitions[0][0].shape[1]} tokens; it runs again {how}")
 
 
 def cpu_copy(state):
@@ -574,7 +639,7 @@ for it in range(start_it, iterations):
                / len(prompts),  # rows whose prompt another row has too
                "perf/prompt_tokens": prompt_ids.shape[1],  # the longest prompt: the update's memory grows with it
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-               "perf/checkpointing": checkpointing,
+               "perf/checkpointing": checkpointing, "perf/micro_batch": micro_batch,
                "time_s": elapsed}
     append_line(metrics_path, json.dumps(metrics))
     eta = elapsed / n_done * (iterations - it - 1)

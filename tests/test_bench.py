@@ -49,6 +49,8 @@ def test_model_benchmark_on_cpu():
     assert re.search(r"\| rollout B=2, one shared prompt, one prefill \| [\d,]+ tok/s \| [\d.]+x the speed", out)
     assert re.search(r"\| update B=2 P=32 T=16 \| [\d,]+ ms \| \d+% MFU", out)
     assert re.search(r"\| update B=2, one shared prompt, \d+ rows per sequence \| [\d,]+ ms \| [\d.]+x the speed", out)
+    for how in ("micro-batches of 1 row", "gradient checkpointing"):  # the two ways train.py lowers an update's memory
+        assert re.search(rf"\| update B=2, {how} \| [\d,]+ ms \| [\d.]+x the time of the whole batch at once", out)
     # the FLOP formula beside the MFU is exact: torch's own counter agrees on the matmuls to the last printed digit
     row = re.search(r"\| FLOP per update \| \S+ \(matmuls (\S+), attention \S+\) \| matmuls (\S+), attention (\S+) "
                     r"\(full scores\) counted by torch.utils.flop_counter", out)

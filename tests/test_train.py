@@ -173,10 +173,10 @@ forward = model.AdapterLM.action_logits
 
 
 def out_of_memory_once(self, *args, **kwargs):
-    if torch.is_grad_enabled():  # a forward whose backward follows: log whether the model checkpoints its blocks
-        with open(os.environ["FORWARD_LOG"], "a") as f:
-            f.write(f"{self.hf.is_gradient_checkpointing}\\n")
-        if open(os.environ["FORWARD_LOG"]).read().count("\\n") == int(os.environ["OUT_OF_MEMORY_AT"]):
+    if torch.is_grad_enabled():  # a forward whose backward follows: log whether the model checkpoints its blocks,
+        with open(os.environ["FORWARD_LOG"], "a") as f:  # and its rows
+            f.write(f"{self.hf.is_gradient_checkpointing} {len(args[0])}\\n")
+        if open(os.environ["FORWARD_LOG"]).read().count("\\n") == int(os.environ.get("OUT_OF_MEMORY_AT", -1)):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return forward(self, *args, **kwargs)
 
@@ -185,28 +185,95 @@ model.AdapterLM.action_logits = out_of_memory_once
 """
 
 
-@pytest.mark.parametrize("algo, at, forwards", [(["--algo", "etpo"], 6, 3),
+def same_metrics(run_a, run_b):
+    a = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(run_a)]
+    b = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(run_b)]
+    return len(a) > 0 and a == b
+
+
+GRADIENT_NORMS = """import os
+import torch
+
+clip = torch.nn.utils.clip_grad_norm_
+
+
+def logged_clip(parameters, max_norm, *args, **kwargs):  # the norm of each gradient an optimizer steps with
+    norm = clip(parameters, max_norm, *args, **kwargs)
+    with open(os.environ["NORM_LOG"], "a") as f:
+        f.write(f"{float(norm)!r}\\n")
+    return norm
+
+
+torch.nn.utils.clip_grad_norm_ = logged_clip
+"""
+
+
+@pytest.mark.parametrize("algo", [["--algo", "etpo"], ["--algo", "ppo_kl", "--rollout-steps", "2"]])
+def test_micro_batches_take_the_same_step(algo, tmp_path):
+    # one iteration of B = 4 (ETPO: 2 Q steps, 1 policy step) or of 4 minibatches of 2 rows (PPO-KL: B = 8; 16 policy
+    # and 16 value steps), in one forward and backward each or in micro-batches of one row: the same gradients (their
+    # norms, before clipping) and losses, up to float rounding. (The adapters after AdamW's first step are no check:
+    # that step is about lr * sign(gradient), which rounding flips where a gradient is within 1e-8 of 0.)
+    steps, norms = ("4" if "etpo" in algo else "8"), {}
+    for micro in ("0", "1"):
+        (tmp_path / micro).mkdir()
+        r = train_patched(tmp_path / micro, OUT_OF_MEMORY_ONCE + GRADIENT_NORMS, *algo, "--steps", steps,
+                          "--micro-batch", micro, FORWARD_LOG=str(tmp_path / micro / "forwards"),
+                          NORM_LOG=str(tmp_path / micro / "norms"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        norms[micro] = [float(line) for line in open(tmp_path / micro / "norms")]
+    # every forward with a backward: all rows (ETPO) or a minibatch's two (PPO-KL); then one row
+    assert set(open(tmp_path / "0" / "forwards").read().splitlines()) == {"False 4" if "etpo" in algo else "False 2"}
+    assert set(open(tmp_path / "1" / "forwards").read().splitlines()) == {"False 1"}
+    assert len(norms["0"]) == (3 if "etpo" in algo else 32) and min(norms["0"]) > 0
+    assert norms["1"] == pytest.approx(norms["0"], rel=1e-4)
+    (m,), (n,) = metrics(str(tmp_path / "0" / "run")), metrics(str(tmp_path / "1" / "run"))
+    for key in [k for k in m if k.startswith("loss/")]:
+        assert n[key] == pytest.approx(m[key], rel=1e-4), key
+    assert (m["perf/micro_batch"], n["perf/micro_batch"]) == (0, 1)
+
+
+def test_an_update_that_runs_out_of_gpu_memory_runs_again_in_micro_batches(tmp_path):
+    # CUDA's out-of-memory error, raised on the CPU once, in the second Q step of the first update (B = 4, one forward
+    # each): the adapters, AdamW and the RNG go back to where they were, the update runs again in micro-batches of 2
+    # rows, which stay, and the run computes what a run with --micro-batch 2 computes, bit for bit
+    plain, run, log = str(tmp_path / "plain"), str(tmp_path / "run"), str(tmp_path / "forwards")
+    assert train(*TINY, "--n-envs", "4", "--steps", "12", "--micro-batch", "2", "--out", plain).returncode == 0
+    r = train_patched(tmp_path, OUT_OF_MEMORY_ONCE, FORWARD_LOG=log, OUT_OF_MEMORY_AT="2")  # 2 iterations
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: iteration 1: the update ran out of GPU memory at B = 4 with prompts of up to 128 tokens; it runs "
+            "again in micro-batches of 2 rows, which stay for the rest of the run") in r.stdout
+    # 2 Q steps and 1 policy step of 4 rows, the second failing; then 2 updates of 3 steps in 2 micro-batches each
+    assert open(log).read().splitlines() == ["False 4"] * 2 + ["False 2"] * 12
+    r = train(*TINY, "--n-envs", "4", "--steps", "12", "--out", run, "--resume")  # the micro-batches stay
+    assert r.returncode == 0 and "micro-batches of 2 rows, as the run lowered them" in r.stdout, r.stderr[-2000:]
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["micro_batch"] == 2
+    assert same_metrics(plain, run) and len(metrics(run)) == 3
+    assert [m["perf/micro_batch"] for m in metrics(run)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("algo, at, forwards", [(["--algo", "etpo", "--micro-batch", "1"], 21, 12),
                                                   (["--algo", "ppo_kl", "--rollout-steps", "1"], 20, 16)])
 def test_an_update_that_runs_out_of_gpu_memory_runs_again_with_checkpointing(algo, at, forwards, tmp_path):
     # CUDA's out-of-memory error, raised on the CPU once, in a forward of the second iteration's update after some of
-    # its steps: for ETPO in the policy's, after the two Q steps (the tiny preset's --q-steps 2) of 3 forwards; for
-    # PPO-KL in the fourth minibatch's of 16 (4 epochs of 4), after 3 policy and value steps and a shuffle drawn from
-    # torch's RNG. The adapters, AdamW and the RNG go back to where they were, the update runs again with gradient
-    # checkpointing, and the run computes what it would have computed without the error.
+    # its steps, where every forward has one row already (nothing to divide): for ETPO in the policy's first, after
+    # the two Q steps (the tiny preset's --q-steps 2) of 4 rows each, 12 forwards an update; for PPO-KL in the fourth
+    # minibatch's of 16 (4 epochs of 4 minibatches of one row), after 3 policy and value steps and a shuffle drawn
+    # from torch's RNG. The adapters, AdamW and the RNG go back to where they were, the update runs again with
+    # gradient checkpointing, and the run computes what it would have computed without the error.
     plain, run, log = str(tmp_path / "plain"), str(tmp_path / "run"), str(tmp_path / "forwards")
     assert train(*TINY, *algo, "--n-envs", "4", "--steps", "12", "--out", plain).returncode == 0
     r = train_patched(tmp_path, OUT_OF_MEMORY_ONCE, *algo, FORWARD_LOG=log, OUT_OF_MEMORY_AT=str(at))  # 2 iterations
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("warning: iteration 2: the update ran out of GPU memory at B = 4 with prompts of up to 128 tokens; it runs "
             "again with gradient checkpointing, which stays on for the rest of the run") in r.stdout
-    assert open(log).read().split() == ["False"] * at + ["True"] * forwards  # the update, again, checkpointing
+    # the update, again, checkpointing
+    assert open(log).read().splitlines() == ["False 1"] * at + ["True 1"] * forwards
     # it stays on when the run resumes, without the flag
     r = train(*TINY, *algo, "--n-envs", "4", "--steps", "12", "--out", run, "--resume")
     assert r.returncode == 0 and "gradient checkpointing on, as the run turned it on" in r.stdout, r.stderr[-2000:]
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["checkpointing"] is True
-    a = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(plain)]
-    b = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(run)]
-    assert len(a) == 3 and a == b
+    assert same_metrics(plain, run) and len(metrics(run)) == 3
     assert [m["perf/checkpointing"] for m in metrics(run)] == [False, True, True]
 
 
