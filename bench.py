@@ -5,10 +5,11 @@ On a CUDA GPU it builds the `codellama-7b-arch` preset (CodeLlama-7B's exact sha
 and reports: rollout tokens/s with the static KV cache that sampling.py uses and with transformers' dynamic one, against
 the decode roofline (weight bytes per step over the HBM bandwidth measured here); the kernels and the bytes moved per
 decode step, and the tokens/s that traffic allows; the milliseconds and MFU of one full ETPO update against the bf16
-matmul rate measured here; peak memory of both, the largest batch that fits, and the bytes stored per transition between
-the rollout and the update, and the time of train.py's copy of the adapters and AdamW state to the CPU before each
-update. On a CPU it runs the `tiny` preset, so CI can smoke-test it. The update it times is simulate.update (train.py's
-steps 3-6 on random tokens); simulate.py counts the same update's memory and operators on fake tensors, without a GPU.
+matmul rate measured here; peak memory of both, the largest batch that fits, the update in micro-batches and with
+gradient checkpointing (how train.py lowers its memory), the bytes stored per transition between the rollout and the
+update, and the time of train.py's copy of the adapters and AdamW state to the CPU before each update. On a CPU it
+runs the `tiny` preset, so CI can smoke-test it. The update it times is simulate.update (train.py's steps 3-6 on random
+tokens); simulate.py counts the same update's memory and operators on fake tensors, without a GPU.
 
     python bench.py                                    # the model: rollout, update, memory
     python bench.py --env cmc --openml-cache DIR       # the environment: 16 programs, cold and warm reward cache
@@ -340,7 +341,7 @@ row(f"| FLOP per update | {flops:.4g} (matmuls {matmul_flops:.4g}, attention {fl
 row(f"| stored per transition | {bytes_per_transition[-1] / 1024:.1f} KiB | tokens (int64), mask (bool), y and "
     f"the ref logit of the taken token (float32), prompt ids (int32) and mask (bool) | |")
 
-# 3b. train.py's copy before each update while gradient checkpointing is off (update_within_memory): the adapters and
+# 3b. train.py's copy before each update while it can still lower its memory (update_within_memory): the adapters and
 # the AdamW state to the CPU, from which an update that runs out of GPU memory runs again
 
 
