@@ -17,17 +17,17 @@ every 0.25 s), a scratch working directory (also TMPDIR and HOME) that is delete
 a file and truncated, one BLAS/OpenMP thread and no joblib worker process (`n_jobs=-1`, or an explicit `n_jobs=4`, runs
 in the program's own process, one task after another), fixed random seeds and string hashes (so a set prints in the same
 order in every run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook
-that refuses to open, create, delete or rename files outside the scratch directory, /dev/null and /dev/shm (whose files
-the disk cap does not count), to start another process (a program's `pip install` would change the trainer's own
-packages) and to signal a process outside the program's group (the server: its death would fail the whole batch). The
-trainer talks to the server through a pipe with a deadline and restarts it if it dies; a server whose trainer dies kills
-its programs, removes their folders and exits at once. The server and its programs ignore SIGTERM, SIGINT and SIGUSR1,
-which the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT
-protect against deliberate escapes: native code (ctypes, and multiprocessing's spawn and forkserver start methods, which
-start their processes from C) bypasses the audit hook, a process that calls setsid leaves the process group, reading
-files and using the network are allowed, and the reward is computed in the program's own process, so code that patches
-scikit-learn or reads its caller's frames (which hold the validation labels) could forge it. Run untrusted models in a
-container or VM if that matters to you.
+that refuses to open, create, delete or rename files outside the scratch directory and /dev/null (/dev/shm too, whose
+files would outlive the program in the machine's memory), to start another process (a program's `pip install` would
+change the trainer's own packages) and to signal a process outside the program's group (the server: its death would fail
+the whole batch). The trainer talks to the server through a pipe with a deadline and restarts it if it dies; a server
+whose trainer dies kills its programs, removes their folders and exits at once. The server and its programs ignore
+SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
+every process in it). It does NOT protect against deliberate escapes: native code (ctypes, and multiprocessing's spawn
+and forkserver start methods, which start their processes from C) bypasses the audit hook, a process that calls setsid
+leaves the process group, reading files and using the network are allowed, and the reward is computed in the program's
+own process, so code that patches scikit-learn or reads its caller's frames (which hold the validation labels) could
+forge it. Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -117,7 +117,7 @@ def _guard(scratch):
     """An audit hook (PEP 578) that refuses, from Python code: file writes, deletions and renames outside the scratch
     directory; starting a process (a `pip install` from a program would change the packages of the trainer itself);
     and a signal to a process outside the program's group (the server, whose death would fail the whole batch)."""
-    allowed = [os.path.realpath(p) for p in (scratch, os.devnull, "/dev/shm")]
+    allowed = [os.path.realpath(p) for p in (scratch, os.devnull)]
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "shutil.rmtree", "os.chmod",
                    "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime", "shutil.move", "shutil.copyfile"}

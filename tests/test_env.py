@@ -299,6 +299,16 @@ def test_bad_code_zoo(name, sandbox, iris):
     assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
 
 
+def test_a_program_may_not_leave_files_in_shared_memory(sandbox, iris):
+    # /dev/shm is the machine's memory: a file there outlives the program, outside the disk cap and the scratch folder
+    path = f"/dev/shm/etpo-escape-{os.getpid()}.txt"
+    reward, error = sandbox.run([body(f"open({path!r}, 'w').write('x' * 1000)")], iris, timeout=3)[0]
+    escaped = os.path.exists(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    assert reward == -1.0 and f"writing to {path} is not allowed" in error and not escaped, error
+
+
 def test_a_program_that_fills_the_disk_is_stopped(iris):
     # the file-size limit caps each file (4 MB), not their number: file after file, a program could fill the disk
     # that holds the run's checkpoint within its time limit. This one writes 20 MB a second for up to 10 s
