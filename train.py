@@ -378,7 +378,7 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
     """3. no gradient: soft values V(x_t^j) at every action prefix and V(x_{t+1}^0), then the per-token targets y.
     pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k only
     chose which prefixes were visited, and the Q regression is valid for any behaviour policy. Returns y (B, T), the
-    reference logits (B, T, V) and their value at the taken tokens (B, T), and the statistics to log."""
+    reference logits (B, T, V) and their value at the taken tokens (B, T), and the statistics to log (tensors)."""
     tokens, mask = action[2], action[3]
     with torch.no_grad():
         with lm.adapter(None):
@@ -407,7 +407,7 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
         # ETPO eq. 6: y = V(x^{j+1}) inside the action, y = r + gamma * (1 - done) * V(x_{t+1}^0) on its last token
         y = etpo.token_targets(values, lengths, rewards, next_values, dones, args.gamma, lam=args.lam,
                                q_target_taken=q_tgt_taken)  # (B, T)
-    stats = {"policy/kl_ref": kl_ref.item(), "policy/entropy": entropy.item(), "q/rare_mass": rare_mass.item()}
+    stats = {"policy/kl_ref": kl_ref, "policy/entropy": entropy, "q/rare_mass": rare_mass}  # read back at the end
     return y, ref_logits, ref_taken, stats
 
 
@@ -455,8 +455,9 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
 
     # 6. Polyak: phi_bar <- (1 - tau) * phi_bar + tau * phi
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), args.tau)
-    # how far back credit has travelled: Q of the first and of the last tokens
-    return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(), **stats,
+    return finite, {"loss/q": float(np.mean(losses_q)), "loss/pi": loss_pi.item(),
+                    **{key: value.item() for key, value in stats.items()},
+                    # how far back credit has travelled: Q of the first and of the last tokens
                     "q/first_token": float(q_taken[:, 0].mean()),
                     "q/last_token": float(q_taken.gather(1, (lengths - 1)[:, None]).mean())}
 
