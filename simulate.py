@@ -374,7 +374,7 @@ def print_by_module(config, name, B, P, T, fused_norm=True):
 
 def print_real_check(config, B, P, T, fused_norm=True):
     """The check (--model tiny): the same update, rollout and decode step on real tensors, beside the simulation,
-    whose counts must be equal."""
+    whose counts must be equal (in micro-batches, at least the real ones: below)."""
     # In micro-batches the fake update holds a little more than the real one: a forward drops the left padding that
     # all of its rows share (random_prompts pads row b by b tokens), and a fake one cannot see it, nor that a mask
     # of one row with none has no padding to build an attention mask for. So it is an upper bound there.
