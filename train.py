@@ -504,7 +504,8 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
             optimizers["value"].zero_grad(set_to_none=True)
             loss_v = 0.0
             for part in micro_batches(len(mb)):
-                rows, share = mb[part], len(mb[part]) / len(mb)
+                rows = mb[part]
+                share = len(rows) / len(mb)
                 with lm.adapter("value"):
                     part_action = rows_of(action, rows)
                     loss = ppo_kl.value_loss(lm.state_value(*part_action[:2], part_action[4]), returns[rows])
