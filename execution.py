@@ -35,6 +35,7 @@ Departures from the paper: none here; env.py lists the environment's (held-out r
 import contextlib
 import ctypes
 import hashlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -63,6 +64,18 @@ MEMORY_MB = 4096  # each program's address-space cap, by default (Sandbox's memo
 DISK_MB = 256  # and what its files in the scratch folder may take of the disk (Sandbox's disk_mb)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a cluster stopping the job, Slurm's warning
 # before it does (sbatch --signal=B:USR1@600): train.py finishes its iteration on each, and the sandbox ignores them
+
+
+def _rules():
+    """What a program's score depends on besides its code, the data, its limits and its seeds: the rules in this file
+    and the libraries the programs run with, as a short hash. It is part of the reward cache's key, so that a run
+    resumed after either changed scores its programs again instead of reusing rewards cached under the old ones."""
+    with open(__file__, "rb") as f:
+        parts = [f.read()] + [importlib.metadata.version(name).encode() for name in ("scikit-learn", "numpy")]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+RULES = _rules()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,7 +409,7 @@ def usable_cores():
 
 
 class Sandbox:
-    """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset and seeds."""
+    """Runs programs in the server's worker pool; caches rewards by a hash of code, dataset, limits, seeds and RULES."""
 
     def __init__(self, workers=None, memory_mb=MEMORY_MB, disk_mb=DISK_MB):
         self.workers, self.memory_mb, self.disk_mb = workers or usable_cores(), memory_mb, disk_mb
@@ -427,7 +440,8 @@ class Sandbox:
 
     def run(self, sources, dataset, heldout=False, timeout=60.0):
         """[(reward, error)] for each source, which defines build_model(x_train, y_train)."""
-        keys = [hashlib.sha256(f"{s}\0{dataset.key}\0{heldout}\0{timeout}\0seeds=0-4".encode()).hexdigest()
+        limits = f"{timeout}\0{self.memory_mb}\0{self.disk_mb}\0{RULES}"
+        keys = [hashlib.sha256(f"{s}\0{dataset.key}\0{heldout}\0{limits}\0seeds=0-4".encode()).hexdigest()
                 for s in sources]
         todo = sorted({k: s for k, s in zip(keys, sources) if k not in self.cache}.items())
         fresh = {}

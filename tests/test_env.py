@@ -249,6 +249,28 @@ def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
     assert not any((bc.X_test[:, None] == bc.X[None]).all(-1).any(1))  # no held-out row is a reward row
 
 
+def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandbox, iris, monkeypatch):
+    # a resumed run carries its reward cache into a new sandbox (train.py: sandbox.cache.update); a program whose
+    # score depends on the limits, here one that needs 700 MB (about 0.5 GB more is mapped before it starts), runs
+    # again under other limits, and so does every program once the sandbox's rules or libraries change (RULES)
+    big = body("block = bytearray(700 * 2**20)\nreturn LogisticRegression(max_iter=500).fit(x_train, y_train)")
+    big = big.replace("def build_model", "from sklearn.linear_model import LogisticRegression\n\ndef build_model")
+    reward, error = sandbox.run([big], iris)[0]  # memory_mb=2048
+    assert error is None and reward > 0.9
+    small = execution.Sandbox(workers=1, memory_mb=1024)
+    small.cache.update(sandbox.cache)
+    reward, error = small.run([big], iris)[0]
+    assert reward == -1.0 and "MemoryError" in error
+    small.close()
+    forged = execution.Sandbox(workers=1, memory_mb=2048)  # the same limits: the carried reward is used, not rerun
+    forged.cache.update({key: (0.123, None) for key in sandbox.cache})
+    assert forged.run([big], iris)[0] == (0.123, None)
+    monkeypatch.setattr(execution, "RULES", "other rules")
+    reward, error = forged.run([big], iris)[0]
+    assert error is None and reward > 0.9
+    forged.close()
+
+
 def test_execute_is_the_public_one_call_form(iris):
     reward, error = execution.execute(GOOD, iris, timeout=30)
     assert error is None and 0.9 < reward <= 1.0
