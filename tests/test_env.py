@@ -251,9 +251,10 @@ def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
 
 def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandbox, iris, monkeypatch):
     # a resumed run carries its reward cache into a new sandbox (train.py: sandbox.cache.update); a program whose
-    # score depends on the limits, here one that needs 700 MB (about 0.5 GB more is mapped before it starts), runs
-    # again under other limits, and so does every program once the sandbox's rules or libraries change (RULES)
-    big = body("block = bytearray(700 * 2**20)\nreturn LogisticRegression(max_iter=500).fit(x_train, y_train)")
+    # score depends on the limits, here one that needs 1,100 MB (more than all of 1,024; 0.3 to 0.5 GB more is mapped
+    # before it starts), runs again under other limits, and so does every program once the sandbox's rules or
+    # libraries change (RULES)
+    big = body("block = bytearray(1100 * 2**20)\nreturn LogisticRegression(max_iter=500).fit(x_train, y_train)")
     big = big.replace("def build_model", "from sklearn.linear_model import LogisticRegression\n\ndef build_model")
     reward, error = sandbox.run([big], iris)[0]  # memory_mb=2048
     assert error is None and reward > 0.9
