@@ -391,8 +391,8 @@ def resolve_device(device=None):
 def load(name="codellama/CodeLlama-7b-hf", device=None, r=16, alpha=32, targets=LLAMA_TARGETS, cache_dir=None,
          checkpointing=False, adapters=ADAPTERS, fused_norm=True):
     """An AdapterLM for `tiny`, `codellama-7b-arch`, or any Hugging Face causal LM id or local path.
-    checkpointing=True recomputes each block's activations in the backward pass (less memory; an ETPO update's matmul FLOPs grow by 20%);
-    fused_norm=False keeps transformers' RMSNorm (see torch_rms_norm)."""
+    checkpointing=True recomputes each block's activations in the backward pass (less memory; 20% more matmul FLOPs
+    in an ETPO update); fused_norm=False keeps transformers' RMSNorm (see torch_rms_norm)."""
     import transformers
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
