@@ -315,6 +315,33 @@ def test_lambda_targets_zero_is_one_step_and_one_carries_reward_to_first_token()
         assert float(y[b, L - 1]) == pytest.approx(float(one_step[b, L - 1]), abs=1e-12)
 
 
+@pytest.mark.parametrize("lam", [0.3, 0.8])
+def test_lambda_targets_are_the_lambda_weighted_n_step_targets(lam):
+    # the forward view, computed independently of token_targets' backward recursion: the n-step target of token j
+    # (0-based; it trains Q(x^j, w^{j+1})) follows the action n - 1 tokens further, each step adding
+    # V(x^k) - Q_target(x^k, w^{k+1}), then bootstraps from V(x^{j+n}), or ends with the last token's y^L;
+    # y_j = (1 - lam) sum_{n=1}^{N-1} lam^{n-1} G_n + lam^{N-1} G_N, N = L - j (the steps to the action's end)
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    q_tgt = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    lengths, rewards = torch.tensor([5, 3, 1]), torch.tensor([0.7, -1.0, 0.4], dtype=torch.float64)
+    nv, dones = torch.tensor([0.3, 0.2, -0.5], dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    y = token_targets(values, lengths, rewards, nv, dones, 0.9, lam=lam, q_target_taken=q_tgt)
+    for b in range(3):
+        L = int(lengths[b])
+        y_last = float(rewards[b] + 0.9 * (1 - dones[b]) * nv[b])
+        for j in range(L):
+            N = L - j
+
+            def G(n):  # the n-step target of token j
+                end = values[b, j + n] if j + n < L else y_last
+                return float(sum(values[b, k] - q_tgt[b, k] for k in range(j + 1, j + n)) + end)
+
+            expected = (1 - lam) * sum(lam ** (n - 1) * G(n) for n in range(1, N)) + lam ** (N - 1) * G(N)
+            assert float(y[b, j]) == pytest.approx(expected, abs=1e-12)
+        assert torch.equal(y[b, L:], torch.zeros(5 - L, dtype=torch.float64))  # padding
+
+
 def test_q_loss_masks_padding_and_huber_option():
     q_taken = torch.tensor([[1.0, 2.0, 100.0], [0.0, 0.0, 0.0]], requires_grad=True)
     targets = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
