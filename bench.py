@@ -383,7 +383,8 @@ if args.max_batch and cuda:
     largest_batch(shared=False)
 
 # 4b. the two ways train.py lowers an update's memory when it runs out (update_within_memory): micro-batches, which
-# add no FLOPs but run smaller matmuls, then gradient checkpointing, which recomputes each block's forward
+# add no FLOPs with B prompts but run smaller matmuls, then gradient checkpointing, which recomputes each block's
+# forward
 for micro, checkpointing in [*((m, False) for m in dict.fromkeys([max(1, B // 4), 1])), (0, True)]:
     if checkpointing:
         model.checkpoint_activations(lm.hf)

@@ -91,7 +91,8 @@ def update(lm, optimizers, B, P, T, shared=False, micro_batch=0):
         del pi_logits, q_tgt
     stored = [tokens, mask, y, ref_taken, prompt_ids, prompt_mask]  # what lives between the rollout and step 4
     step = micro_batch or B
-    parts = [slice(start, start + step) for start in range(0, B, step)]  # the micro-batches' rows
+    # the micro-batches' rows: train.py takes them prompt by prompt, and here each prompt's rows already sit together
+    parts = [slice(start, start + step) for start in range(0, B, step)]
 
     def part(rows):
         return (*(t[rows] for t in action[:4]), None if prompts is None else prompts[rows])

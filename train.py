@@ -360,12 +360,16 @@ def optimizer_step(name, loss):
     return True
 
 
-def micro_batches(n):
-    """Rows 0 .. n-1 as slices of --micro-batch rows (all n when it is 0), one forward and backward each. A loss that
-    is a mean over the batch is the sum over its micro-batches of each one's mean times its share, so their gradients
-    add up to the batch's: the same step, and only one micro-batch's activations held at a time."""
-    step = micro_batch or n
-    return [slice(start, start + step) for start in range(0, n, step)]
+def micro_batches(prompts):
+    """The rows of a batch with these prompt texts in micro-batches of --micro-batch rows (all of them, as one slice,
+    when it is 0), one forward and backward each. The rows are taken prompt by prompt, so that rows with one prompt
+    land in one micro-batch and share their prompt's forward there (model.AdapterLM.action_logits). A loss that is a
+    mean over the batch is the sum over its micro-batches of each one's mean times its share, so their gradients add
+    up to the batch's: the same step, and only one micro-batch's activations held at a time."""
+    if not micro_batch:
+        return [slice(0, len(prompts))]
+    order = torch.tensor([row for rows in model.rows_by_prompt(prompts) for row in rows])  # (b,) on the CPU
+    return list(order.split(micro_batch))
 
 
 def rows_of(action, rows):
@@ -414,6 +418,7 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
 def etpo_update(action, lengths, rewards, dones, next_prompts):
     # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
     tokens, mask = action[2], action[3]  # action[4], the prompts: rows with one prompt share its forward
+    parts = micro_batches(action[4])  # the whole batch (a slice), or micro-batches of rows taken prompt by prompt
     # 3. no gradient: the per-token targets y (B, T) of ETPO eq. 6, and the reference logits (B, T, V)
     y, ref_logits, ref_taken, stats = etpo_targets(action, lengths, rewards, dones, next_prompts)
 
@@ -423,7 +428,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
     for _ in range(args.q_steps):
         optimizers["q"].zero_grad(set_to_none=True)
         loss_q = 0.0
-        for rows in micro_batches(len(tokens)):
+        for rows in parts:
             share = mask[rows].sum() / mask.sum()
             with lm.adapter("q"):
                 q_logits = lm.action_logits(*rows_of(action, rows))  # (b, T, V)
@@ -443,7 +448,7 @@ def etpo_update(action, lengths, rewards, dones, next_prompts):
     # (the reference logits are kept from step 3: B x T x V float32, 262 MB at B=8 for CodeLlama)
     optimizers["policy"].zero_grad(set_to_none=True)
     loss_pi = 0.0
-    for rows in micro_batches(len(tokens)):
+    for rows in parts:
         part, share = rows_of(action, rows), mask[rows].sum() / mask.sum()
         with torch.no_grad(), lm.adapter("q"):
             q = etpo.q_from_logits(lm.action_logits(*part), ref_logits[rows])  # (b, T, V) online Q
@@ -490,10 +495,10 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
     losses_pi, losses_v, finite = [], [], True
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(K * N).chunk(args.minibatches):
+            parts = [mb[part] for part in micro_batches([prompts[i] for i in mb.tolist()])]  # (b,) rows each
             optimizers["policy"].zero_grad(set_to_none=True)
             loss_pi = 0.0
-            for part in micro_batches(len(mb)):
-                rows = mb[part]
+            for rows in parts:
                 share = mask[rows].sum() / mask[mb].sum()
                 with lm.adapter("policy"):
                     logp = ppo_kl.taken_logp(lm.action_logits(*rows_of(action, rows)), tokens[rows])  # (b, T)
@@ -503,8 +508,7 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
             finite &= optimizer_step("policy", loss_pi)
             optimizers["value"].zero_grad(set_to_none=True)
             loss_v = 0.0
-            for part in micro_batches(len(mb)):
-                rows = mb[part]
+            for rows in parts:
                 share = len(rows) / len(mb)
                 with lm.adapter("value"):
                     part_action = rows_of(action, rows)
@@ -523,11 +527,11 @@ update = etpo_update if args.algo == "etpo" else ppo_kl_update
 
 def update_within_memory(*transitions):
     """update(*transitions), and if it runs out of GPU memory, the same update again with less: in micro-batches of
-    half as many rows, down to one row (no extra compute), then with gradient checkpointing too (one more forward per
-    backward). What it lowers stays lowered for the run (and its resumptions). Before each new attempt the adapters, the
-    optimizers' state and torch's RNG go back to the copy taken on the CPU before the update, so that no step is taken
-    twice (for CodeLlama-7B about 1.1 GB a copy: three adapters of 40 M float32 parameters and two AdamW states of two
-    each)."""
+    half as many rows, down to one row (no extra compute with B prompts), then with gradient checkpointing too (one
+    more forward per backward). What it lowers stays lowered for the run (and its resumptions). Before each new
+    attempt the adapters, the optimizers' state and torch's RNG go back to the copy taken on the CPU before the
+    update, so that no step is taken twice (for CodeLlama-7B about 1.1 GB a copy: three adapters of 40 M float32
+    parameters and two AdamW states of two each)."""
     global checkpointing, micro_batch
     most = batch if args.algo == "etpo" else math.ceil(batch / args.minibatches)  # the rows of a whole forward
     lowest = lambda: checkpointing and min(micro_batch or most, most) == 1  # noqa: E731 (nothing left to lower)

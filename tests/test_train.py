@@ -233,6 +233,46 @@ def test_micro_batches_take_the_same_step(algo, tmp_path):
     assert (m["perf/micro_batch"], n["perf/micro_batch"]) == (0, 1)
 
 
+PROMPT_LOG = """import os
+import torch
+import model
+
+forward = model.AdapterLM.action_logits
+
+
+def logged(self, *args, **kwargs):  # the prompt of each row of each forward, as a number, and whether it trains
+    with open(os.environ["PROMPT_LOG"], "a") as f:
+        f.write(f"{torch.is_grad_enabled()} {' '.join(str(hash(p)) for p in args[4])}\\n")
+    return forward(self, *args, **kwargs)
+
+
+model.AdapterLM.action_logits = logged
+"""
+
+
+def test_micro_batches_take_the_rows_of_one_prompt_together(tmp_path):
+    # rows with one prompt share its forward (model.AdapterLM.action_logits) only inside one micro-batch: the rows of
+    # each step's micro-batches, one after the other, hold each prompt's rows side by side, where the batch itself
+    # (step 3's forwards, without gradient, on all its rows) mixes them
+    log = str(tmp_path / "prompts")
+    r = train_patched(tmp_path, PROMPT_LOG, "--n-envs", "8", "--steps", "48", "--micro-batch", "2", PROMPT_LOG=log)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line.split() for line in open(log).read().splitlines()]
+    batches = [rows for grad, *rows in lines if grad == "False" and len(rows) == 8]  # 3 forwards an iteration
+    steps, step = [], []  # the micro-batches of each Q or policy step, joined: 8 rows
+    for grad, *rows in lines:
+        if grad == "True":
+            assert len(rows) <= 2
+            step += rows
+            if len(step) == 8:
+                steps.append(step)
+                step = []
+    together = lambda rows: all(len({i for i, p in enumerate(rows) if p == q}) ==  # noqa: E731
+                                max(i for i, p in enumerate(rows) if p == q) - rows.index(q) + 1 for q in rows)
+    assert len(steps) == 6 * 3 and all(together(step) for step in steps)  # 6 iterations of 2 Q steps and 1 policy step
+    assert sorted(steps[-1]) == sorted(batches[-1]) and not all(together(rows) for rows in batches)
+
+
 def test_an_update_that_runs_out_of_gpu_memory_runs_again_in_micro_batches(tmp_path):
     # CUDA's out-of-memory error, raised on the CPU once, in the second Q step of the first update (B = 4, one forward
     # each): the adapters, AdamW and the RNG go back to where they were, the update runs again in micro-batches of 2
