@@ -360,15 +360,16 @@ def optimizer_step(name, loss):
     return True
 
 
-def micro_batches(prompts):
+def micro_batches(prompts, on="cpu"):
     """The rows of a batch with these prompt texts in micro-batches of --micro-batch rows (all of them, as one slice,
-    when it is 0), one forward and backward each. The rows are taken prompt by prompt, so that rows with one prompt
-    land in one micro-batch and share their prompt's forward there (model.AdapterLM.action_logits). A loss that is a
-    mean over the batch is the sum over its micro-batches of each one's mean times its share, so their gradients add
-    up to the batch's: the same step, and only one micro-batch's activations held at a time."""
+    when it is 0), one forward and backward each, as index tensors on the device `on`. The rows are taken prompt by
+    prompt, so that rows with one prompt land in one micro-batch and share their prompt's forward there
+    (model.AdapterLM.action_logits). A loss that is a mean over the batch is the sum over its micro-batches of each
+    one's mean times its share, so their gradients add up to the batch's: the same step, and only one micro-batch's
+    activations held at a time."""
     if not micro_batch:
         return [slice(0, len(prompts))]
-    order = torch.tensor([row for rows in model.rows_by_prompt(prompts) for row in rows])  # (b,) on the CPU
+    order = torch.tensor([row for rows in model.rows_by_prompt(prompts) for row in rows], device=on)  # (b,)
     return list(order.split(micro_batch))
 
 
@@ -418,7 +419,9 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
 def etpo_update(action, lengths, rewards, dones, next_prompts):
     # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
     tokens, mask = action[2], action[3]  # action[4], the prompts: rows with one prompt share its forward
-    parts = micro_batches(action[4])  # the whole batch (a slice), or micro-batches of rows taken prompt by prompt
+    # the whole batch (a slice), or micro-batches of rows taken prompt by prompt, on the GPU before the update queues
+    # any work there (an index on the CPU is copied over, after all the work queued before it, at every use)
+    parts = micro_batches(action[4], on=device)
     # 3. no gradient: the per-token targets y (B, T) of ETPO eq. 6, and the reference logits (B, T, V)
     y, ref_logits, ref_taken, stats = etpo_targets(action, lengths, rewards, dones, next_prompts)
 
