@@ -267,8 +267,8 @@ def test_micro_batches_take_the_rows_of_one_prompt_together(tmp_path):
             if len(step) == 8:
                 steps.append(step)
                 step = []
-    together = lambda rows: all(len({i for i, p in enumerate(rows) if p == q}) ==  # noqa: E731
-                                max(i for i, p in enumerate(rows) if p == q) - rows.index(q) + 1 for q in rows)
+    # each prompt's rows side by side: as many runs of one prompt as there are prompts
+    together = lambda rows: 1 + sum(a != b for a, b in zip(rows, rows[1:])) == len(set(rows))  # noqa: E731
     assert len(steps) == 6 * 3 and all(together(step) for step in steps)  # 6 iterations of 2 Q steps and 1 policy step
     assert sorted(steps[-1]) == sorted(batches[-1]) and not all(together(rows) for rows in batches)
 
