@@ -259,17 +259,19 @@ def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandb
     reward, error = sandbox.run([big], iris)[0]  # memory_mb=2048
     assert error is None and reward > 0.9
     small = execution.Sandbox(workers=1, memory_mb=1024)
-    small.cache.update(sandbox.cache)
-    reward, error = small.run([big], iris)[0]
-    assert reward == -1.0 and "MemoryError" in error
-    small.close()
     forged = execution.Sandbox(workers=1, memory_mb=2048)  # the same limits: the carried reward is used, not rerun
-    forged.cache.update({key: (0.123, None) for key in sandbox.cache})
-    assert forged.run([big], iris)[0] == (0.123, None)
-    monkeypatch.setattr(execution, "RULES", "other rules")
-    reward, error = forged.run([big], iris)[0]
-    assert error is None and reward > 0.9
-    forged.close()
+    try:
+        small.cache.update(sandbox.cache)
+        reward, error = small.run([big], iris)[0]
+        assert reward == -1.0 and "MemoryError" in error
+        forged.cache.update({key: (0.123, None) for key in sandbox.cache})
+        assert forged.run([big], iris)[0] == (0.123, None)
+        monkeypatch.setattr(execution, "RULES", "other rules")
+        reward, error = forged.run([big], iris)[0]
+        assert error is None and reward > 0.9
+    finally:  # as the other tests' sandboxes: closed even when an assertion fails
+        small.close()
+        forged.close()
 
 
 def test_execute_is_the_public_one_call_form(iris):
