@@ -375,8 +375,9 @@ def micro_batches(prompts, on="cpu"):
 
 def rows_of(action, rows):
     """The rows (a slice, or a tensor of indices) of an action: prompt ids, prompt mask, tokens, mask, prompt texts."""
-    texts = action[4][rows] if isinstance(rows, slice) else [action[4][i] for i in rows.tolist()]
-    return (*(t[rows] for t in action[:4]), texts)
+    prompt_ids, prompt_mask, tokens, mask, prompts = action
+    texts = prompts[rows] if isinstance(rows, slice) else [prompts[i] for i in rows.tolist()]
+    return prompt_ids[rows], prompt_mask[rows], tokens[rows], mask[rows], texts
 
 
 def etpo_targets(action, lengths, rewards, dones, next_prompts):
@@ -384,7 +385,7 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
     pi is the policy's own distribution (temperature 1) here and in step 5; the rollout's temperature and top-k only
     chose which prefixes were visited, and the Q regression is valid for any behaviour policy. Returns y (B, T), the
     reference logits (B, T, V) and their value at the taken tokens (B, T), and the statistics to log (tensors)."""
-    tokens, mask = action[2], action[3]
+    _, _, tokens, mask, _ = action
     with torch.no_grad():
         with lm.adapter(None):
             ref_logits = lm.action_logits(*action)  # (B, T, V) pi_bar
@@ -418,10 +419,10 @@ def etpo_targets(action, lengths, rewards, dones, next_prompts):
 
 def etpo_update(action, lengths, rewards, dones, next_prompts):
     # simulate.update repeats these forwards and optimizer steps on random tokens for bench.py: change both together
-    tokens, mask = action[2], action[3]  # action[4], the prompts: rows with one prompt share its forward
+    _, _, tokens, mask, prompts = action  # prompts: the texts; rows with one prompt share its forward
     # the whole batch (a slice), or micro-batches of rows taken prompt by prompt, on the GPU before the update queues
     # any work there (an index on the CPU is copied over, after all the work queued before it, at every use)
-    parts = micro_batches(action[4], on=device)
+    parts = micro_batches(prompts, on=device)
     # 3. no gradient: the per-token targets y (B, T) of ETPO eq. 6, and the reference logits (B, T, V)
     y, ref_logits, ref_taken, stats = etpo_targets(action, lengths, rewards, dones, next_prompts)
 
@@ -514,8 +515,8 @@ def ppo_kl_update(action, lengths, rewards, dones, next_prompts):
             for rows in parts:
                 share = len(rows) / len(mb)
                 with lm.adapter("value"):
-                    part_action = rows_of(action, rows)
-                    loss = ppo_kl.value_loss(lm.state_value(*part_action[:2], part_action[4]), returns[rows])
+                    part_ids, part_mask, _, _, part_prompts = rows_of(action, rows)
+                    loss = ppo_kl.value_loss(lm.state_value(part_ids, part_mask, part_prompts), returns[rows])
                     (loss * share).backward()
                 loss_v = loss_v + loss.detach() * share
             finite &= optimizer_step("value", loss_v)
@@ -605,14 +606,16 @@ for it in range(start_it, iterations):
         t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
     # the K x N transitions as one batch B, step-major: row k * N + n is episode n at step k
-    T = max(s[1].shape[1] for s in steps)
-    tokens = torch.cat([F.pad(s[1], (0, T - s[1].shape[1]), value=lm.tokenizer.pad_token_id) for s in steps])  # (B, T)
-    lengths = torch.cat([s[2] for s in steps])  # (B,)
-    rewards = np.concatenate([s[3] for s in steps])  # (B,)
+    prompts_k, tokens_k, lengths_k, rewards_k, dones_k, next_prompts_k, infos_k = zip(*steps)  # K of each
+    T = max(t.shape[1] for t in tokens_k)
+    tokens = torch.cat([F.pad(t, (0, T - t.shape[1]), value=lm.tokenizer.pad_token_id) for t in tokens_k])  # (B, T)
+    lengths = torch.cat(lengths_k)  # (B,)
+    rewards = np.concatenate(rewards_k)  # (B,)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
-    dones_t = torch.tensor(np.concatenate([s[4] for s in steps]), dtype=torch.float32, device=device)  # (B,)
-    infos = [info for s in steps for info in s[6]]
-    prompts = [p for s in steps for p in s[0]]  # (B,) every episode's first step has the same prompt
+    dones_t = torch.tensor(np.concatenate(dones_k), dtype=torch.float32, device=device)  # (B,)
+    prompts = [p for step in prompts_k for p in step]  # (B,) every episode's first step has the same prompt
+    next_prompts = [p for step in next_prompts_k for p in step]  # (B,) s_{t+1} of each transition
+    infos = [info for step in infos_k for info in step]  # (B,)
     prompt_ids, prompt_mask = lm.encode_prompts(prompts)  # (B, P)
     mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) bool: the real tokens
 
@@ -620,7 +623,7 @@ for it in range(start_it, iterations):
     t1 = time.time()
     with gpu_advice("the update", prompt_ids.shape[1]):
         finite, stats = update_within_memory((prompt_ids, prompt_mask, tokens, mask, prompts), lengths, rewards_t,
-                                             dones_t, [p for s in steps for p in s[5]])
+                                             dones_t, next_prompts)
     t_update = time.time() - t1  # its statistics are read back (.item()), so the device has finished its work
 
     # -------------------------------------------------------------------------------------------------------------

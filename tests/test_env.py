@@ -231,6 +231,7 @@ def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_clas
     assert error is None and 0 <= reward <= 1
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # GOOD's LogisticRegression, refitted here
 def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
     bc = env.load_dataset("breast_cancer")
     for d in (bc, iris):
