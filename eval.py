@@ -247,17 +247,19 @@ def plot_curves(run_dirs, path):
 
 
 def markdown_table(results, names, methods, key):
-    """Datasets x methods, mean ± std of results[key] over seeds ("-" where a method did not run on a dataset), and
-    an average row (over every dataset, so "-" for a method that misses one)."""
+    """Datasets x methods, the mean of results[key] over seeds ± their sample standard deviation ("-" where a method
+    did not run on a dataset; the value alone where it ran once, as a scikit-learn baseline does), and an average row
+    of the means (over every dataset, so "-" for a method that misses one)."""
     cell = {}
     for d in names:
         for m in methods:
             values = [r[key] for r in results if r["dataset"] == d and r["method"] == m]
-            if values:
-                cell[d, m] = (float(np.mean(values)), float(np.std(values)))
+            if values:  # one value has no spread to show: "± 0.0000" would claim that seeds agree
+                spread = f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else ""
+                cell[d, m] = (float(np.mean(values)), f"{np.mean(values):.4f}{spread}")
     lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    lines += [f"| {d} | " + " | ".join(f"{cell[d, m][0]:.4f} ± {cell[d, m][1]:.4f}" if (d, m) in cell else "-"
-                                      for m in methods) + " |" for d in names]
+    lines += [f"| {d} | " + " | ".join(cell[d, m][1] if (d, m) in cell else "-" for m in methods) + " |"
+              for d in names]
     averages = [f"{np.mean([cell[d, m][0] for d in names]):.4f}" if all((d, m) in cell for d in names) else "-"
                 for m in methods]
     return "\n".join(lines + ["| average | " + " | ".join(averages) + " |"])

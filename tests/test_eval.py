@@ -42,13 +42,27 @@ def test_table_csv_and_credit_view(ckpt, tmp_path):
     assert table[1] == "| dataset | " + " | ".join(methods) + " |"
     assert [line.split(" | ")[0] for line in table[3:]] == ["| iris", "| wine", "| average"]
     for line in table[3:5]:
-        means = [float(m) for m in re.findall(r"(-?[\d.]+) ±", line)]
+        cells = line.strip("| ").split(" | ")[1:]  # one per method
+        means = [float(cell.split(" ± ")[0]) for cell in cells]
         assert len(means) == 5 and all(-1.0 <= m <= 1.0 for m in means)
         assert all(0.5 < m <= 1.0 for m in means[2:])  # the scikit-learn baselines always run
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 + 2 * 3  # datasets x (policies x seeds + baselines)
     assert all(-1.0 <= float(row["best_auc"]) <= 1.0 for row in rows)
+    # every cell of every table from the CSV: the mean over seeds ± the sample standard deviation (n - 1), the value
+    # alone for a baseline, which runs once
+    spreads = []
+    for table, key in zip((out / "table.md").read_text().split("\n\n"),
+                          ("best_auc", "heldout_auc", "success_rate", "first_try_reward")):
+        for line in table.splitlines()[3:5]:
+            dataset, *cells = line.strip("| ").split(" | ")
+            for method, cell in zip(methods, cells):
+                values = [float(row[key]) for row in rows if (row["dataset"], row["method"]) == (dataset, method)]
+                mean, std = sum(values) / len(values), np.std(values, ddof=1) if len(values) > 1 else None
+                assert cell == f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else ""), (key, line)
+                spreads += [std] if std is not None else []
+    assert len(spreads) == 4 * 2 * 2 and max(spreads) > 0  # two seeds that differ somewhere: n - 1 is tested
     perplexities = re.findall(r"perplexity of (\w+) on .*: ([\d.]+)", r.stdout)
     assert [p[0] for p in perplexities] == ["trained", "reference"] and all(float(p[1]) > 1 for p in perplexities)
     html = (out / "credit.html").read_text()
@@ -69,9 +83,9 @@ def test_training_runs_as_the_papers_columns(ckpt, tmp_path):
     best, heldout, ran, first = [t.splitlines() for t in (out / "table.md").read_text().split("\n\n")]
     assert best[0].startswith("best ROC AUC (the paper's metric): etpo while training, within 16 environment steps")
     assert best[1] == "| dataset | etpo | logistic_regression | random_forest | hist_gradient_boosting |"
-    assert best[3].startswith(f"| iris | {state['best_reward']:.4f} ± 0.0000 | ")
-    assert ran[3].startswith(f"| iris | {sum(success) / len(success):.4f} ± 0.0000 | ")
-    assert first[3].startswith(f"| iris | {sum(first_try) / len(first_try):.4f} ± 0.0000 | ")
+    assert best[3].startswith(f"| iris | {state['best_reward']:.4f} | ")
+    assert ran[3].startswith(f"| iris | {sum(success) / len(success):.4f} | ")
+    assert first[3].startswith(f"| iris | {sum(first_try) / len(first_try):.4f} | ")
     assert 0.0 <= float(heldout[3].split(" | ")[1].split(" ")[0]) <= 1.0
     with open(out / "results.csv") as f:
         methods = [row["method"] for row in csv.DictReader(f)]
@@ -270,7 +284,7 @@ def test_a_ctrl_c_mid_way_keeps_the_runs_finished_in_the_tables(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(row["dataset"], row["method"], row["seed"]) for row in rows] == [("iris", "reference", "0")]
     best = (out / "table.md").read_text().split("\n\n")[0].splitlines()
-    assert best[3].startswith(f"| iris | {float(rows[0]['best_auc']):.4f} ± 0.0000 | - |")
+    assert best[3].startswith(f"| iris | {float(rows[0]['best_auc']):.4f} | - |")
 
 
 def test_export_writes_the_policy_as_a_plain_hugging_face_model(ckpt, tmp_path):
