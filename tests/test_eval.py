@@ -133,7 +133,7 @@ def test_the_reference_column_of_runs_is_their_base_model(tmp_path):
     r = run("eval.py", "--runs", tiny, *small, "--out", str(tmp_path / "e"))  # no --model: the run's, untrained
     assert r.returncode == 0, r.stderr[-2000:]
     best = (tmp_path / "e" / "table.md").read_text().split("\n\n")[0].splitlines()
-    assert best[1].startswith("| dataset | reference | etpo |") and re.match(r"\| iris \| -?[01]\.\d+ ± ", best[3])
+    assert best[1].startswith("| dataset | reference | etpo |") and re.match(r"\| iris \| -?[01]\.\d+ \| ", best[3])
     r = run("eval.py", "--runs", f"{tiny},{big}", *small, "--out", str(tmp_path / "e"))
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
         "error: pass --ckpt RUN/ckpt.pt, or --model NAME to evaluate an untrained model (the --runs trained "
