@@ -2,12 +2,14 @@
 bench.py runs end to end on the CPU (tiny preset, small shapes): the model table, the environment table, the
 reference-policy sampling table and the bf16 numerics table come out with numbers. Figures themselves are measured,
 never asserted; what is asserted is how they relate (the static cache moves fewer bytes than the dynamic one, torch's
-RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count). A bad model,
+RMSNorm launches no more kernels than transformers', the MFU's FLOP formula equals torch's own count, every rollout
+samples with one policy). A bad model,
 dataset or checkpoint, or a sandbox that cannot start, ends with one sentence.
 
 Run: python -m pytest tests/test_bench.py -q
 """
 
+import json
 import os
 import re
 import subprocess
@@ -19,15 +21,47 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench(*args):
-    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def bench(*args, env=None):
+    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
 
-def test_model_benchmark_on_cpu():
+# logs each of bench.py's rollouts: its prompts, its generator's seed (None: unseeded), the policy adapter's weights
+# (summed) and the tokens it sampled
+LOG_ROLLOUTS = """import json, os, sampling
+sample_ids = sampling.sample_ids
+
+
+def logged(lm, prompt_ids, *args, **kwargs):
+    tokens, lengths = sample_ids(lm, prompt_ids, *args, **kwargs)
+    seed = kwargs["generator"].initial_seed() if kwargs.get("generator") is not None else None
+    policy = sum(float(p.double().abs().sum()) for p in lm.adapter_params("policy"))
+    with open(os.environ["ROLLOUT_LOG"], "a") as f:
+        f.write(json.dumps([prompt_ids.tolist(), seed, policy, tokens.tolist()]) + "\\n")
+    return tokens, lengths
+
+
+sampling.sample_ids = logged
+"""
+
+
+def test_model_benchmark_on_cpu(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(LOG_ROLLOUTS)
+    log = tmp_path / "rollouts.jsonl"
     out = bench("--batch", "2", "--prompt-len", "32", "--action-len", "16", "--rollout-batches", "2", "--iters", "1",
-                "--profile")
+                "--profile", env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]),
+                                  "ROLLOUT_LOG": str(log)})
+    # every rollout samples with the policy of the first, although the update rows between them train its adapter,
+    # and the seeded ones of the same prompts sample the same tokens, with either cache: the rows compare like with like
+    rollouts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rollouts) >= 9 and len({policy for _, _, policy, _ in rollouts}) == 1
+    sampled = {}
+    for prompt_ids, seed, _, tokens in rollouts:
+        if seed is not None:
+            sampled.setdefault((json.dumps(prompt_ids), seed), []).append(tokens)
+    assert all(tokens == runs[0] for runs in sampled.values() for tokens in runs)
     # the record's provenance comes first: the command, the date and the versions
     assert re.search(r"^python bench.py --batch 2 .* --profile  # \d{4}-\d\d-\d\d, torch \S+, transformers \S+, "
                      r"Python 3\.\d+", out, re.M)
