@@ -271,6 +271,18 @@ def reflection_prompt(dataset, code, error, infill=False):
     return _with_signature(head, infill)
 
 
+def prompt_tail(prompt, most=8):
+    """The end of a prompt before its signature, for train.py's samples: a reflection's error and its request for a
+    fix (at most `most` lines), or the task's instruction (another environment's prompt: its last line)."""
+    head, signed, _ = prompt.rpartition(SIGNATURE)  # (a reflection quotes the signature too: the last one is real)
+    lines = (head if signed else prompt).rstrip().splitlines()
+    # the quoted program's lines are indented ("#     ..."), so the first "# Error:" after them opens the error, which
+    # may hold such a line itself
+    failed = lines.index("# This attempt failed:") if "# This attempt failed:" in lines else len(lines)
+    error = next((i for i in range(failed, len(lines)) if lines[i] == "# Error:"), None)
+    return "\n".join(lines[error:][:most] if error is not None else lines[-1:])
+
+
 def _with_signature(head, infill):
     if infill:  # CodeLlama: <PRE> prefix <SUF> suffix <MID>, split at <FILL_ME> by its tokenizer, which fails if
         # the text holds it twice (a failed program or its error can quote it)

@@ -344,6 +344,7 @@ def gpu_advice(stage, prompt_tokens=None):
 
 
 tty = sys.stdout.isatty()
+SAMPLE_LINES = 24  # of a sampled program, printed every --sample-every iterations
 bad_updates, t_start, best_seen = 0, time.time(), coding_env.best_reward
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -668,9 +669,17 @@ for it in range(start_it, iterations):
                   f"environment step {coding_env.env_steps}\n")
         replace_file(os.path.join(out, "best_code.py"), lambda f: f.write((header + coding_env.best_code).encode()))
     if args.sample_every and (it + 1) % args.sample_every == 0:
-        info = infos[0]
+        # the n-th sample: a first attempt when n is odd, a reflection (if the batch has one) when n is even, from a
+        # row that moves along the batch
+        n = (it + 1) // args.sample_every
+        rows = [b for b, info in enumerate(infos) if (info["step"] > 1) == (n % 2 == 0)] or range(len(infos))
+        row = rows[n // 2 % len(rows)]
+        info, code = infos[row], infos[row]["code"].rstrip().splitlines()
+        if len(code) > SAMPLE_LINES:
+            code = code[:SAMPLE_LINES] + [f"    ... (cut at {SAMPLE_LINES} of {len(code)} lines)"]
         result = f"reward {info['reward']:.4f}" if info["error"] is None else f"error: {info['error'].splitlines()[-1]}"
-        print(f"--- sample (episode step {info['step']}):\n{info['code'].rstrip()}\n--- {result}")
+        print(f"--- sample (episode {row % args.n_envs}, step {info['step']}), after:\n"
+              f"{env.prompt_tail(prompts[row])}\n--- its action:\n" + "\n".join(code) + f"\n--- {result}")
     last = it + 1 == iterations
     if last or stop_requested or (it + 1) % args.save_every == 0:
         save_checkpoint(it + 1)

@@ -586,3 +586,18 @@ def test_body_extraction_and_reflection_prompt(sandbox, iris):
     assert dones.tolist() == [1.0, 0.0]  # the step limit (2) ends episode 0; episode 1 is on its first step
     assert prompts[0] == env.task_prompt(iris) and e.env_steps == 4 and e.episodes == 2
     assert e.best_code == GOOD and e.best_reward == good_reward  # failures never count as the best program
+
+
+def test_the_prompt_tail_shows_a_reflections_error_or_the_tasks_instruction(iris):
+    # what train.py prints above each sampled action: the error to fix, not the quoted program or the data's columns
+    code = "    model = X()  # Error:\n    return model\n"
+    error = "NameError: name 'X' is not defined\nError:\nsecond line"  # its own "Error:" lines are quoted as "# ..."
+    for infill in (False, True):
+        task = env.prompt_tail(env.task_prompt(iris, infill))
+        assert task.startswith("# Write the body of build_model") and "\n" not in task
+        assert env.prompt_tail(env.reflection_prompt(iris, code, error, infill)) == (
+            "# Error:\n# NameError: name 'X' is not defined\n# Error:\n# second line\n# Write a corrected version.")
+    many = "\n".join(f"ValueError {i}" for i in range(20))
+    assert env.prompt_tail(env.reflection_prompt(iris, code, many)).splitlines() == (
+        ["# Error:"] + [f"# ValueError {i}" for i in range(7)])  # at most 8 lines
+    assert env.prompt_tail("another environment's state\nits last line\n") == "its last line"

@@ -79,7 +79,15 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     assert min(phases) > 0 and sum(phases) <= rows[-1]["perf/iter_s"]
     assert rows[0]["perf/shared_prompt"] == 1.0  # the first iteration: 8 episodes at their first step, one prompt
     assert all(row["perf/prompt_tokens"] == 128 for row in rows)  # every prompt fills the tiny model's window
-    assert "it 2/2" in r.stdout and "--- sample" in r.stdout
+    assert "it 2/2" in r.stdout
+    # a sampled action each iteration, after the end of its prompt: a first attempt and the task's instruction, then
+    # a reflection, if the first iteration failed somewhere, and the error it was asked to fix
+    samples = re.findall(r"--- sample \(episode (\d), step (\d)\), after:\n(.*?)\n--- its action:\n(.*?)\n--- "
+                         r"(?:reward [\d.]+|error: [^\n]+)\n", r.stdout, re.S)
+    assert [step != "1" for _, step, _, _ in samples] == [False, rows[0]["env/success_rate"] < 1]
+    for _, step, after, code in samples:
+        assert after.startswith("# Error:\n" if step != "1" else "# Write the body of build_model")
+        assert code.startswith("def build_model(x_train, y_train):\n")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["it"] == 2 and ckpt["config"]["dataset"] == "iris"
     weights = ckpt["adapters"]["weights"]
@@ -553,7 +561,7 @@ def test_a_local_model_folder_with_codellamas_infilling_tokenizer(tmp_path, code
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["it"] for m in metrics(out)] == [0, 1]
     # the program around the model's middle: the signature before it, the infilling suffix after it
-    samples = re.findall(r"--- sample \(episode step \d+\):\n(.*?)\n--- ", r.stdout, re.S)
+    samples = re.findall(r"--- its action:\n(.*?)\n--- ", r.stdout, re.S)
     assert len(samples) == 2
     for sample in samples:
         assert sample.startswith("def build_model(x_train, y_train):\n") and sample.endswith("\n    return model")
