@@ -18,7 +18,7 @@ Hugging Face model folder.
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
     python eval.py --ckpt RUN/ckpt.pt --perplexity notes.txt --credit --curves RUN --plot curves.png
     python eval.py --runs RUN1,RUN2 --policies reference --steps 960   # table 2 (reference: the runs' base model)
-    python eval.py --curves RUN1,RUN2 --plot curves.png     # learning curves alone (needs matplotlib)
+    python eval.py --curves RUN1,RUN2 --plot curves.png     # learning curves alone (the plot needs matplotlib)
     python eval.py --ckpt RUN/ckpt.pt --export policy-model  # the policy as a plain Hugging Face model folder
 """
 
@@ -62,7 +62,8 @@ parser.add_argument("--device", default=None, help="cuda or cpu")
 parser.add_argument("--out", default="eval", help="folder for table.md, results.csv and the other outputs")
 parser.add_argument("--perplexity", default=None, help="a text file: perplexity of the reference and the policy")
 parser.add_argument("--credit", action="store_true", help="per-token Q, V, Q - V and KL of one program (ETPO)")
-parser.add_argument("--curves", default=None, help="comma-separated run folders to plot (needs matplotlib)")
+parser.add_argument("--curves", default=None, help="comma-separated run folders: their learning curves, as a table "
+                    "and, with matplotlib installed, a plot")
 parser.add_argument("--export", default=None, help="a new folder: write --ckpt's policy, merged into its base model, "
                     "as a plain Hugging Face model, and evaluate nothing")
 parser.add_argument("--plot", default=None, help="PNG path for --curves (default OUT/curves.png)")
@@ -142,9 +143,7 @@ def training_run(run, sandbox, args):
     try:
         ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
         config, state = ckpt["config"], ckpt["env"]
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.endswith("\n")]  # not a last line cut short
-        rows = [row for row in rows if row["it"] < ckpt["it"]]  # a run stopped abruptly may have logged more
+        rows = [row for row in read_metrics(run) if row["it"] < ckpt["it"]]  # a run stopped abruptly may log more
     except Exception as e:  # a missing or foreign folder gets the same answer
         sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
     dataset = load_dataset(config["dataset"], args)
@@ -227,23 +226,51 @@ def render_credit(rows, path):
     return "\n".join(lines)
 
 
-def plot_curves(run_dirs, path):
-    """Mean reward against environment steps, one line per run, as a PNG (main checked that matplotlib is there)."""
-    import matplotlib
+def read_metrics(run):
+    """The rows of a run's metrics.jsonl, one per iteration, but a last line cut short."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
+
+def curve_table(run_dirs):
+    """The learning curves as text: each run's mean reward of first attempts (the programs written from the task
+    prompt) in each block of LAST_STEPS environment steps, by the step its iterations began after (a run's last block
+    may be shorter; in a run of whole blocks it is the window that --runs reports)."""
+    curves = {}
+    for run in run_dirs:
+        rows = read_metrics(run)
+        starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
+        count = math.ceil(rows[-1]["env_steps"] / LAST_STEPS) if rows else 0  # (none before its first iteration)
+        blocks = [[row["env/first_try_reward"] for row, start in zip(rows, starts) if start // LAST_STEPS == k
+                   and row["env/first_try_reward"] is not None] for k in range(count)]
+        curves[run] = [f"{np.mean(block):+.2f}" if block else "-" for block in blocks]
+    width = max(len(curve) for curve in curves.values())
+    lines = [f"mean reward of first attempts in each block of {LAST_STEPS} environment steps:",
+             "| run | " + " | ".join(f"{LAST_STEPS * k + 1}-{LAST_STEPS * (k + 1)}" for k in range(width)) + " |",
+             "|---" * (width + 1) + "|"]
+    return "\n".join(lines + [f"| {run} | " + " | ".join(curve + ["-"] * (width - len(curve))) + " |"
+                              for run, curve in curves.items()])
+
+
+def plot_curves(run_dirs, path):
+    """The table of curve_table, and mean reward against environment steps, one line per run, as a PNG when
+    matplotlib (optional) is installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return curve_table(run_dirs) + f"\n(no plot at {path}: it needs matplotlib, which the requirements leave out)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in run_dirs:
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.endswith("\n")]  # not a last line cut short
+        rows = read_metrics(run)
         ax.plot([r["env_steps"] for r in rows], [r["env/reward_mean"] for r in rows], label=os.path.basename(run))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean reward")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    return f"wrote {path}"
+    return curve_table(run_dirs) + f"\nwrote {path}"
 
 
 def markdown_table(results, names, methods, key):
@@ -309,11 +336,6 @@ def check_arguments(args):
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
-    if args.curves:
-        try:
-            import matplotlib  # noqa: F401 (optional: only the curves need it)
-        except ImportError:
-            sys.exit("error: --curves needs matplotlib, which the requirements leave out: pip install matplotlib")
     return text
 
 
