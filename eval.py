@@ -252,9 +252,9 @@ def curve_table(run_dirs):
                               for run, curve in curves.items()])
 
 
-def plot_curves(run_dirs, path):
-    """The table of curve_table, and mean reward against environment steps, one line per run, as a PNG when
-    matplotlib (optional) is installed."""
+def learning_curves(run_dirs, path):
+    """curve_table's table and, when matplotlib (optional) is installed, mean reward against environment steps, one line
+    per run, as a PNG."""
     try:
         import matplotlib
     except ImportError:
@@ -393,7 +393,7 @@ def main():
     if made_out:  # an evaluation that ends before writing (a bad checkpoint, say) leaves no empty folder behind
         atexit.register(lambda: os.path.isdir(args.out) and not os.listdir(args.out) and os.rmdir(args.out))
     if args.curves and not (args.ckpt or args.model or args.runs or args.perplexity or args.credit):
-        print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+        print(learning_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
         return  # the curves alone: nothing to evaluate
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
@@ -438,7 +438,7 @@ def main():
         rows = credit_view(lm, datasets[0], config["beta"], args)
         print(render_credit(rows, os.path.join(args.out, "credit.html")))
     if args.curves:
-        print(plot_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+        print(learning_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
 
 
 if __name__ == "__main__":
