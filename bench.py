@@ -289,7 +289,7 @@ rollout_rows("static cache")
 # ----------------------------------------------------------------------------------------------------------------
 # 2. one full ETPO update: milliseconds, MFU, peak memory (the first run, timed's warm-up, creates the AdamW state)
 B, P, T = args.batch, args.prompt_len, args.action_len
-policy = lm.adapter_state()  # the updates below move the adapters; every rollout row samples with this policy
+untrained = lm.adapter_state()  # the updates below move the adapters; every rollout samples with these
 optimizers = adamw(lm)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
@@ -400,7 +400,7 @@ for micro, checkpointing in [*((m, False) for m in dict.fromkeys([max(1, B // 4)
 disable = getattr(lm.hf, "activation_checkpointing_disable", None) or lm.hf.gradient_checkpointing_disable  # (5.25's
 disable()  # name, and the one before) back to the update as train.py starts it
 lm.hf.eval()
-lm.load_adapter_state(policy)  # the rollouts' policy again: the tiny model, trained on, would stop at EOS elsewhere
+lm.load_adapter_state(untrained)  # the rollouts' policy again: the tiny model, trained on, would stop at EOS elsewhere
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. transformers' torch.cat cache, for comparison with the static one
@@ -457,7 +457,7 @@ shared_seconds = timed(lambda: update(lm, optimizers, B, P, T, shared=True), arg
 row(f"| update B={B}, one shared prompt, {model.rows_per_sequence(cfg, P, T)} rows per sequence | "
     f"{shared_seconds * 1e3:,.0f} ms | {seconds / shared_seconds:.2f}x the speed with B prompts | "
     f"{peak_memory()} |")
-lm.load_adapter_state(policy)  # (for the CUDA graph's rollouts and the profile's)
+lm.load_adapter_state(untrained)  # (for the CUDA graph's rollouts and the profile's)
 
 if cuda:  # 9. the same update and rollouts on fake tensors (python simulate.py), next to the peaks measured above
     try:

@@ -377,6 +377,8 @@ def micro_batches(prompts, on="cpu"):
 def rows_of(action, rows):
     """The rows (a slice, or a tensor of indices) of an action: prompt ids, prompt mask, tokens, mask, prompt texts."""
     prompt_ids, prompt_mask, tokens, mask, prompts = action
+    # the texts need the indices on the host: one read-back per forward, beside the one action_logits makes anyway
+    # (its rows' prompt lengths), where an index left on the CPU would wait once for every tensor it indexes
     texts = prompts[rows] if isinstance(rows, slice) else [prompts[i] for i in rows.tolist()]
     return prompt_ids[rows], prompt_mask[rows], tokens[rows], mask[rows], texts
 
