@@ -289,12 +289,6 @@ class AdapterLM(nn.Module):
                 for p, saved in zip(self.adapter_params(n), state["weights"][n], strict=True):
                     p.copy_(saved)
 
-    def save_adapters(self, path):
-        torch.save(self.adapter_state(), path)
-
-    def load_adapters(self, path):
-        self.load_adapter_state(torch.load(path, map_location="cpu", weights_only=True))
-
 
 def save_merged(lm, adapter, path):
     """Write the base model with one adapter folded into its weights as a plain Hugging Face model folder (config,

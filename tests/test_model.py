@@ -113,11 +113,11 @@ def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     with lm.adapter("policy"):
         before = lm.action_logits(*batch)
-    lm.save_adapters(tmp_path / "a.pt")
+    torch.save(lm.adapter_state(), tmp_path / "a.pt")  # a file of tensors only: weights_only loads it
     with torch.no_grad():
         for p in lm.adapter_params("policy"):
             p.zero_()
-    lm.load_adapters(tmp_path / "a.pt")
+    lm.load_adapter_state(torch.load(tmp_path / "a.pt", weights_only=True))
     with lm.adapter("policy"):
         assert torch.equal(lm.action_logits(*batch), before)
     saved = lm.adapter_state()  # in memory: a copy, which later steps leave alone (train.py's copy before an update)
@@ -131,7 +131,7 @@ def test_save_load_round_trip_and_mismatch_error(lm, tmp_path):
     assert "weights" in state and all(t.numel() < 200_000 for ts in state["weights"].values() for t in ts)
     other = model.load("tiny", device="cpu", r=4, alpha=8)
     with pytest.raises(ValueError, match="--lora-rank"):
-        other.load_adapters(tmp_path / "a.pt")
+        other.load_adapter_state(torch.load(tmp_path / "a.pt", weights_only=True))
     with torch.no_grad():
         for p in lm.adapter_params("policy")[1::2]:
             p.zero_()  # B = 0 again: policy adapter back to a no-op for the other tests
