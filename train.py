@@ -153,9 +153,9 @@ def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpo
 
 def replace_file(path, save):
     """Write a file of the run whole or not at all: save(f) writes PATH.tmp, which then replaces PATH (an atomic
-    rename), so a crash or a full disk never leaves half a checkpoint, half of metrics.jsonl or of best_code.py. The
-    bytes reach the disk before the rename: after a power cut or a node's crash PATH is the old file or the new one,
-    where a rename can otherwise reach the disk first and leave PATH empty."""
+    rename), so a crash or a full disk never leaves half a checkpoint, of best_code.py, or of the log files that a
+    resume rewrites. The bytes reach the disk before the rename: after a power cut or a node's crash PATH is the old
+    file or the new one, where a rename can otherwise reach the disk first and leave PATH empty."""
     try:
         with open(path + ".tmp", "wb") as f:
             save(f)
@@ -285,11 +285,13 @@ if checkpoint is not None:
     generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
     start_it = checkpoint["it"]
     print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
-metrics_path = os.path.join(out, "metrics.jsonl")
-kept = []  # on resume, keep the metrics of the iterations the checkpoint contains, drop any logged after it, and
-if checkpoint is not None and os.path.exists(metrics_path):  # a last line cut short (a crash, a full disk)
-    kept = [line for line in open(metrics_path) if line.endswith("\n") and json.loads(line)["it"] < start_it]
-replace_file(metrics_path, lambda f: f.write("".join(kept).encode()))
+metrics_path = os.path.join(out, "metrics.jsonl")  # one line per iteration
+actions_path = os.path.join(out, "actions.jsonl")  # one line per action: its program and what it scored
+for path in (metrics_path, actions_path):
+    kept = []  # on resume, keep the lines of the iterations the checkpoint contains, drop any logged after it, and
+    if checkpoint is not None and os.path.exists(path):  # a last line cut short (a crash, a full disk)
+        kept = [line for line in open(path) if line.endswith("\n") and json.loads(line)["it"] < start_it]
+    replace_file(path, lambda f: f.write("".join(kept).encode()))
 
 
 def save_checkpoint(it):
@@ -657,6 +659,10 @@ for it in range(start_it, iterations):
                "perf/checkpointing": checkpointing, "perf/micro_batch": micro_batch,
                "time_s": elapsed}
     append_line(metrics_path, json.dumps(metrics))
+    actions = [{"it": it, "episode": row % args.n_envs, "step": int(info["step"]), "tokens": n,
+                "reward": float(info["reward"]), "error": info["error"], "code": info["code"]}
+               for row, (info, n) in enumerate(zip(infos, lengths.tolist()))]
+    append_line(actions_path, "\n".join(json.dumps(action) for action in actions))
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "

@@ -80,6 +80,18 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     assert rows[0]["perf/shared_prompt"] == 1.0  # the first iteration: 8 episodes at their first step, one prompt
     assert all(row["perf/prompt_tokens"] == 128 for row in rows)  # every prompt fills the tiny model's window
     assert "it 2/2" in r.stdout
+    # every action, in order, with what it scored: the metrics of each iteration are these lines' means
+    actions = [json.loads(line) for line in open(os.path.join(out, "actions.jsonl"))]
+    assert [(a["it"], a["episode"]) for a in actions] == [(it, n) for it in (0, 1) for n in range(8)]
+    for row in rows:
+        mine = [a for a in actions if a["it"] == row["it"]]
+        assert row["env/reward_mean"] == pytest.approx(sum(a["reward"] for a in mine) / 8, abs=1e-12)
+        assert row["env/success_rate"] == sum(a["error"] is None for a in mine) / 8
+    failed = {a["episode"] for a in actions if a["it"] == 0 and a["error"] is not None}  # reflected on at step 2
+    for a in actions:
+        assert a["code"].startswith("def build_model(x_train, y_train):\n") and 1 <= a["tokens"] <= 128
+        assert (a["error"] is None) == (a["reward"] >= 0)
+        assert a["step"] == (2 if a["it"] == 1 and a["episode"] in failed else 1)
     # a sampled action each iteration, after the end of its prompt: a first attempt and the task's instruction, then
     # a reflection, if the first iteration failed somewhere, and the error it was asked to fix
     samples = re.findall(r"--- sample \(episode (\d), step (\d)\), after:\n(.*?)\n--- its action:\n(.*?)\n--- "
@@ -99,7 +111,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     # every file the run replaced was on the disk before its rename: after a power cut, the old file or the new one
     calls = log.read_text().splitlines()
     replaced = [call[len("replace "):] for call in calls if call.startswith(f"replace {out}")]
-    assert {os.path.basename(path) for path in replaced} >= {"ckpt.pt.tmp", "metrics.jsonl.tmp"}
+    assert {os.path.basename(path) for path in replaced} >= {"ckpt.pt.tmp", "metrics.jsonl.tmp", "actions.jsonl.tmp"}
     for path in replaced:
         assert f"fsync {os.path.realpath(path)}" in calls[:calls.index(f"replace {path}")], path
 
@@ -138,6 +150,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     a = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(whole)]
     b = [{k: v for k, v in m.items() if k != "time_s" and not k.startswith("perf/")} for m in metrics(half)]
     assert len(a) == 4 and a == b
+    assert open(os.path.join(whole, "actions.jsonl")).read() == open(os.path.join(half, "actions.jsonl")).read()
     assert torch.load(os.path.join(half, "ckpt.pt"), weights_only=False)["config"]["checkpointing"] is True
     # what the run computes stays as it started: a flag that would change it is refused, not silently overridden
     r = train(*common, "--steps", "48", "--out", half, "--resume", "--lr", "5e-4")
@@ -529,12 +542,17 @@ def test_a_full_disk_ends_with_one_sentence_keeps_the_last_checkpoint_and_the_ru
     r = resume_on_a_full_disk(100)  # no room to rewrite the metrics that the checkpoint holds: they stay as they were
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {log}")
     assert open(log).read() == before and not os.path.exists(log + ".tmp")
-    r = resume_on_a_full_disk(len(before.splitlines()[0]) + 100)  # room for the first iteration's line, not the next
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {log}")
-    assert not open(log).read().endswith("\n")  # the last line was cut short
-    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out, "--resume")
+    # room for the first iteration's actions (the largest file after the checkpoint), not for the next one's
+    actions = os.path.join(out, "actions.jsonl")
+    first = [line for line in open(actions, "rb") if json.loads(line)["it"] == 0]
+    r = resume_on_a_full_disk(len(b"".join(first)) + 100)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: could not write {actions}")
+    assert not open(actions).read().endswith("\n")  # the last line was cut short, after the metrics of iteration 1
+    assert [m["it"] for m in metrics(out)] == [0, 1]
+    r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out, "--resume")  # both files as the checkpoint has it
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["it"] for m in metrics(out)] == [0, 1] and torch.load(ckpt, weights_only=False)["it"] == 2
+    assert [json.loads(line)["it"] for line in open(actions)] == [0] * 8 + [1] * 8
 
 
 @pytest.mark.slow
