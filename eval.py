@@ -10,7 +10,7 @@ paper's "Reflection" column) and plain scikit-learn classifiers. The paper's ETP
 best reward found while training, within the run's environment steps: --runs reads it from train.py's run folders
 (and runs the held-out check on that program), so one table holds Reflection, PPO-KL, ETPO and the baselines.
 Extras: the perplexity of the reference and of the trained policy on a text file (the paper's table 3 check),
-learning curves from metrics.jsonl, a per-token credit view of one program (Q, V, Q - V and the KL to the
+learning curves from metrics.jsonl and actions.jsonl, a per-token credit view of one program (Q, V, Q - V and the KL to the
 reference at every token), and --export, which writes the trained policy, merged into its base model, as a plain
 Hugging Face model folder.
 
@@ -235,21 +235,36 @@ def read_metrics(run):
 def curve_table(run_dirs):
     """The learning curves as text: each run's mean reward of first attempts (the programs written from the task
     prompt) in each block of LAST_STEPS environment steps, by the step its iterations began after (a run's last block
-    may be shorter; in a run of whole blocks it is the window that --runs reports)."""
-    curves = {}
+    may be shorter; in a run of whole blocks it is the window that --runs reports); then, from the actions.jsonl of
+    the runs that have one, the share of reflections (the actions after a failure) that ran in each block."""
+    first, fixed = {}, {}
     for run in run_dirs:
         rows = read_metrics(run)
         starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
+        block = {row["it"]: start // LAST_STEPS for row, start in zip(rows, starts)}  # iteration -> its block
         count = math.ceil(rows[-1]["env_steps"] / LAST_STEPS) if rows else 0  # (none before its first iteration)
-        blocks = [[row["env/first_try_reward"] for row, start in zip(rows, starts) if start // LAST_STEPS == k
-                   and row["env/first_try_reward"] is not None] for k in range(count)]
-        curves[run] = [f"{np.mean(block):+.2f}" if block else "-" for block in blocks]
-    width = max(len(curve) for curve in curves.values())
-    lines = [f"mean reward of first attempts in each block of {LAST_STEPS} environment steps:",
-             "| run | " + " | ".join(f"{LAST_STEPS * k + 1}-{LAST_STEPS * (k + 1)}" for k in range(width)) + " |",
-             "|---" * (width + 1) + "|"]
-    return "\n".join(lines + [f"| {run} | " + " | ".join(curve + ["-"] * (width - len(curve))) + " |"
-                              for run, curve in curves.items()])
+        rewards = [[row["env/first_try_reward"] for row in rows if block[row["it"]] == k
+                    and row["env/first_try_reward"] is not None] for k in range(count)]
+        first[run] = [f"{np.mean(values):+.2f}" if values else "-" for values in rewards]
+        if os.path.isfile(os.path.join(run, "actions.jsonl")):  # (a run of an earlier train.py has none)
+            ran = [[] for _ in range(count)]
+            with open(os.path.join(run, "actions.jsonl")) as f:  # the iterations of metrics.jsonl's complete lines
+                for action in (json.loads(line) for line in f if line.endswith("\n")):
+                    if action["step"] > 1 and action["it"] in block:
+                        ran[block[action["it"]]].append(action["error"] is None)
+            fixed[run] = [f"{np.mean(values):.2f}" if values else "-" for values in ran]
+    width = max(len(curve) for curve in first.values())
+
+    def table(title, curves):
+        header = ["| run | " + " | ".join(f"{LAST_STEPS * k + 1}-{LAST_STEPS * (k + 1)}" for k in range(width)) + " |",
+                  "|---" * (width + 1) + "|"]
+        return "\n".join([title] + header + [f"| {run} | " + " | ".join(curve + ["-"] * (width - len(curve))) + " |"
+                                             for run, curve in curves.items()])
+
+    text = table(f"mean reward of first attempts in each block of {LAST_STEPS} environment steps:", first)
+    if fixed:
+        text += "\n\n" + table("share of reflections that ran (fixed the error they were shown) in each block:", fixed)
+    return text
 
 
 def learning_curves(run_dirs, path):

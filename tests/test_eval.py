@@ -141,9 +141,10 @@ def test_the_reference_column_of_runs_is_their_base_model(tmp_path):
 
 
 def test_learning_curves_alone(ckpt, tmp_path):
-    """--curves RUN needs no model: it prints each run's first-attempt reward by blocks of environment steps and, where
-    matplotlib (optional) is installed, plots the mean reward; a stand-in for matplotlib saves what it was asked to
-    plot. Without it, the table alone and one line that says why there is no plot."""
+    """--curves RUN needs no model: it prints each run's first-attempt reward and the share of its reflections that ran
+    by blocks of environment steps and, where matplotlib (optional) is installed, plots the mean reward; a stand-in
+    for matplotlib saves what it was asked to plot. Without it, the tables alone and one line that says why there is
+    no plot."""
     run_dir = os.path.dirname(ckpt)
     fake = tmp_path / "fake" / "matplotlib"
     fake.mkdir(parents=True)
@@ -163,17 +164,31 @@ def test_learning_curves_alone(ckpt, tmp_path):
     lines = json.loads((tmp_path / "c.png").read_text())
     assert lines == [["etpo", [m["env_steps"] for m in rows], [m["env/reward_mean"] for m in rows]]]
     assert not (tmp_path / "e").exists()  # nothing else was written
-    # the table: the run's 16 environment steps are the first block of 160, whose first attempts it averages
+    # the tables: the run's 16 environment steps are the first block of 160, whose first attempts it averages, and
+    # whose reflections (actions.jsonl's actions at step 2 and on) it counts
     first = [m["env/first_try_reward"] for m in rows if m["env/first_try_reward"] is not None]
-    table = ["| run | 1-160 |", "|---|---|", f"| {run_dir} | {sum(first) / len(first):+.2f} |"]
-    assert rows[-1]["env_steps"] == 16 and r.stdout.splitlines()[-4:] == table + [f"wrote {tmp_path / 'c.png'}"]
+    with open(os.path.join(run_dir, "actions.jsonl")) as f:
+        ran = [action["error"] is None for action in map(json.loads, f) if action["step"] > 1]
+    assert rows[-1]["env_steps"] == 16 and 0 < len(ran) <= 8  # the second iteration reflects on the first's failures
+    table = ["| run | 1-160 |", "|---|---|", f"| {run_dir} | {sum(first) / len(first):+.2f} |", "",
+             "share of reflections that ran (fixed the error they were shown) in each block:", "| run | 1-160 |",
+             "|---|---|", f"| {run_dir} | {sum(ran) / len(ran):.2f} |"]
+    assert r.stdout.splitlines()[-9:] == table + [f"wrote {tmp_path / 'c.png'}"]
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     r = subprocess.run([sys.executable, "eval.py", "--curves", run_dir, "--out", str(tmp_path / "e")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=environ)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[-4:] == table + [
+    assert r.stdout.splitlines()[-9:] == table + [
         f"(no plot at {tmp_path / 'e' / 'curves.png'}: it needs matplotlib, which the requirements leave out)"]
     assert not (tmp_path / "e").exists()
+    # a run of an earlier train.py, which wrote no actions.jsonl, has a row in the first table only
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text(open(os.path.join(run_dir, "metrics.jsonl")).read())
+    r = subprocess.run([sys.executable, "eval.py", "--curves", f"{run_dir},{old}", "--out", str(tmp_path / "e")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-10:-1] == table[:3] + [table[2].replace(run_dir, str(old))] + table[3:]
 
 
 def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
