@@ -10,9 +10,9 @@ paper's "Reflection" column) and plain scikit-learn classifiers. The paper's ETP
 best reward found while training, within the run's environment steps: --runs reads it from train.py's run folders
 (and runs the held-out check on that program), so one table holds Reflection, PPO-KL, ETPO and the baselines.
 Extras: the perplexity of the reference and of the trained policy on a text file (the paper's table 3 check),
-learning curves from metrics.jsonl and actions.jsonl, a per-token credit view of one program (Q, V, Q - V and the KL to the
-reference at every token), and --export, which writes the trained policy, merged into its base model, as a plain
-Hugging Face model folder.
+learning curves from metrics.jsonl and actions.jsonl, a per-token credit view of one program (Q, V, Q - V and the
+KL to the reference at every token), and --export, which writes the trained policy, merged into its base model, as
+a plain Hugging Face model folder.
 
     python eval.py --ckpt runs/cmc-CodeLlama-7b-hf-etpo/ckpt.pt --datasets cmc,credit_g --seeds 5 --steps 40
     python eval.py --model tiny --policies reference --datasets iris      # no checkpoint: the untrained model
