@@ -1,6 +1,7 @@
 """
-train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, the best
-program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run exactly;
+train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, every action,
+the best program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run
+exactly;
 the README's CPU demo raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
 infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
 layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; an
