@@ -1,12 +1,11 @@
 """
 train.py end to end, as a user runs it (subprocesses, tiny model, CPU): a smoke run writes metrics, every action,
 the best program and a checkpoint whose adapters moved; a run resumed halfway reproduces the uninterrupted run
-exactly;
-the README's CPU demo raises the reward of first attempts; a local Hugging Face model folder with CodeLlama's
-infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets names its
-layers; another environment with the members the README's "Fork it" lists drives the loop and its checkpoints; an
-update that runs out of GPU memory runs again with gradient checkpointing and computes what it would have; user errors,
-and running out of GPU memory with checkpointing, end with one sentence and a non-zero exit.
+exactly; the README's CPU demo raises the reward of first attempts; a local Hugging Face model folder with
+CodeLlama's infilling tokenizer trains through the same loop, and so does another architecture once --lora-targets
+names its layers; another environment with the members the README's "Fork it" lists drives the loop and its
+checkpoints; an update that runs out of GPU memory runs again with gradient checkpointing and computes what it would
+have; user errors, and running out of GPU memory with checkpointing, end with one sentence and a non-zero exit.
 
 Run: python -m pytest tests/test_train.py -q
 """
