@@ -143,7 +143,8 @@ def training_run(run, sandbox, args):
     try:
         ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
         config, state = ckpt["config"], ckpt["env"]
-        rows = [row for row in read_metrics(run) if row["it"] < ckpt["it"]]  # a run stopped abruptly may log more
+        # (a run stopped abruptly may have logged iterations after its checkpoint)
+        rows = [row for row in read_log(run, "metrics.jsonl") if row["it"] < ckpt["it"]]
     except Exception as e:  # a missing or foreign folder gets the same answer
         sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
     dataset = load_dataset(config["dataset"], args)
@@ -226,9 +227,10 @@ def render_credit(rows, path):
     return "\n".join(lines)
 
 
-def read_metrics(run):
-    """The rows of a run's metrics.jsonl, one per iteration, but a last line cut short."""
-    with open(os.path.join(run, "metrics.jsonl")) as f:
+def read_log(run, name):
+    """The rows of one of a run's logs, metrics.jsonl (one per iteration) or actions.jsonl (one per action), but a last
+    line cut short."""
+    with open(os.path.join(run, name)) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
@@ -239,7 +241,7 @@ def curve_table(run_dirs):
     the runs that have one, the share of reflections (the actions after a failure) that ran in each block."""
     first, fixed = {}, {}
     for run in run_dirs:
-        rows = read_metrics(run)
+        rows = read_log(run, "metrics.jsonl")
         starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
         block = {row["it"]: start // LAST_STEPS for row, start in zip(rows, starts)}  # iteration -> its block
         count = math.ceil(rows[-1]["env_steps"] / LAST_STEPS) if rows else 0  # (none before its first iteration)
@@ -248,10 +250,9 @@ def curve_table(run_dirs):
         first[run] = [f"{np.mean(values):+.2f}" if values else "-" for values in rewards]
         if os.path.isfile(os.path.join(run, "actions.jsonl")):  # (a run of an earlier train.py has none)
             ran = [[] for _ in range(count)]
-            with open(os.path.join(run, "actions.jsonl")) as f:  # the iterations of metrics.jsonl's complete lines
-                for action in (json.loads(line) for line in f if line.endswith("\n")):
-                    if action["step"] > 1 and action["it"] in block:
-                        ran[block[action["it"]]].append(action["error"] is None)
+            for action in read_log(run, "actions.jsonl"):
+                if action["step"] > 1 and action["it"] in block:  # (the iterations that metrics.jsonl logged whole)
+                    ran[block[action["it"]]].append(action["error"] is None)
             fixed[run] = [f"{np.mean(values):.2f}" if values else "-" for values in ran]
     width = max(len(curve) for curve in first.values())
 
@@ -279,7 +280,7 @@ def learning_curves(run_dirs, path):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in run_dirs:
-        rows = read_metrics(run)
+        rows = read_log(run, "metrics.jsonl")
         ax.plot([r["env_steps"] for r in rows], [r["env/reward_mean"] for r in rows], label=os.path.basename(run))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean reward")
