@@ -680,13 +680,14 @@ for it in range(start_it, iterations):
         # the n-th sample: a first attempt when n is odd, a reflection (if the batch has one) when n is even, from a
         # row that moves along the batch
         n = (it + 1) // args.sample_every
-        rows = [b for b, info in enumerate(infos) if (info["step"] > 1) == (n % 2 == 0)] or range(len(infos))
+        rows = [b for b, action in enumerate(actions) if (action["step"] > 1) == (n % 2 == 0)] or range(len(actions))
         row = rows[n // 2 % len(rows)]
-        info, code = infos[row], infos[row]["code"].rstrip().splitlines()
+        action, code = actions[row], actions[row]["code"].rstrip().splitlines()  # one line of actions.jsonl
         if len(code) > SAMPLE_LINES:
             code = code[:SAMPLE_LINES] + [f"    ... (cut at {SAMPLE_LINES} of {len(code)} lines)"]
-        result = f"reward {info['reward']:.4f}" if info["error"] is None else f"error: {info['error'].splitlines()[-1]}"
-        print(f"--- sample (episode {row % args.n_envs}, step {info['step']}), after:\n"
+        error = action["error"]
+        result = f"reward {action['reward']:.4f}" if error is None else f"error: {error.splitlines()[-1]}"
+        print(f"--- sample (episode {action['episode']}, step {action['step']}), after:\n"
               f"{env.prompt_tail(prompts[row])}\n--- its action:\n" + "\n".join(code) + f"\n--- {result}")
     last = it + 1 == iterations
     if last or stop_requested or (it + 1) % args.save_every == 0:
