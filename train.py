@@ -8,7 +8,7 @@ and targets with no gradient, (4) update the soft Q-network, (5) update the poli
 
 Departures from the paper (each is a flag; README "Departures from the paper"):
 1. LoRA adapters on one frozen base (model.py) and AdamW at lr 1e-4, where the paper fine-tunes four full copies
-   with Lion at lr 1e-6.
+   with Lion at lr 1e-6 (`--optimizer lion` runs Lion on the adapters, at a tenth of AdamW's rate).
 2. Q is the residual of the Q adapter's logits over the reference logits (ETPO.md section 5).
 3. `--model tiny` uses its own defaults (PRESETS below), so a 2-core CPU learns something in minutes.
 4. Optional lambda-return targets inside an action (--lam; 0 = the paper's one-step target, the default for real
@@ -78,7 +78,10 @@ parser.add_argument("--cuda-graph", action="store_true", help="replay the rollou
 parser.add_argument("--algo", default="etpo", choices=["etpo", "ppo_kl"], help="the algorithm")
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
 parser.add_argument("--gamma", type=float, default=0.99, help="discount between actions (paper 0.99)")
-parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the adapters (paper: Lion, 1e-6)")
+parser.add_argument("--optimizer", default="adamw", choices=["adamw", "lion"],
+                    help="the adapters' optimizer: AdamW, or Lion as in the paper's code (Lion class below)")
+parser.add_argument("--lr", type=float, default=None,
+                    help="learning rate of the adapters (default: the preset's for AdamW, a tenth of it for Lion)")
 parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
 parser.add_argument("--q-steps", type=int, default=None, help="Q gradient steps per batch (paper 1)")
 parser.add_argument("--lam", type=float, default=None, help="lambda of the in-action target, 0 = paper's one-step")
@@ -115,6 +118,8 @@ PRESETS = {  # values a flag left at None takes: the paper's for real LLMs, smal
 for key, value in PRESETS["tiny" if args.model == "tiny" else "paper"].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
+if args.optimizer == "lion" and "lr" not in given:  # Lion moves every weight by lr each step: the Lion paper advises
+    args.lr /= 10  # a rate 3-10x below AdamW's (arXiv 2302.06675, section 5)
 if args.rollout_steps is None:
     args.rollout_steps = 1 if args.algo == "etpo" else args.episode_steps
 model_name = os.path.basename(args.model.rstrip("/"))
@@ -187,7 +192,8 @@ if args.resume:
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
             "checkpointing", "micro_batch", "cuda_graph"}  # how to run, not what: these may change when a run continues
-    saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
+    saved.setdefault("conservative", 0.0)  # runs saved before these flags existed had no penalty, and AdamW
+    saved.setdefault("optimizer", "adamw")
     for key in sorted(given - keep):  # a flag that would be silently overridden by the saved value
         if key in saved and getattr(args, key) != saved[key]:
             fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the {saved[key]} this run started "
@@ -267,8 +273,35 @@ coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_s
                            infill=lm.supports_infill, timeout=args.timeout)
 if args.algo == "etpo":
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), tau=1.0)  # phi_bar <- phi
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675, Algorithm 2, without
+    weight decay), the optimizer of the paper's code: each weight moves by exactly lr, in the direction of the sign of
+    an interpolation of its gradient and its momentum; one state tensor per weight, where AdamW keeps two."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.99)):
+        super().__init__(params, dict(lr=lr, betas=betas))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                m = self.state[p]["exp_avg"]  # the momentum, p's shape
+                # Lion: theta <- theta - lr * sign(beta1 * m + (1 - beta1) * g)
+                p.add_(torch.sign(m.lerp(p.grad, 1 - beta1)), alpha=-group["lr"])
+                # Lion: m <- beta2 * m + (1 - beta2) * g
+                m.lerp_(p.grad, 1 - beta2)
+
+
 trained = ("policy", "q") if args.algo == "etpo" else ("policy", "value")  # q_target only moves by Polyak
-optimizers = {name: torch.optim.AdamW(lm.adapter_params(name), lr=args.lr, weight_decay=0.0) for name in trained}
+optimizers = {name: Lion(lm.adapter_params(name), lr=args.lr) if args.optimizer == "lion"
+              else torch.optim.AdamW(lm.adapter_params(name), lr=args.lr, weight_decay=0.0) for name in trained}
 start_it = 0
 if checkpoint is not None:
     try:

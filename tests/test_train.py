@@ -116,6 +116,25 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
         assert f"fsync {os.path.realpath(path)}" in calls[:calls.index(f"replace {path}")], path
 
 
+def test_lion_moves_every_weight_by_its_learning_rate_and_resumes(tmp_path):
+    """--optimizer lion, the paper's: each step moves each weight by exactly lr, the sign of an interpolated momentum,
+    so LoRA's B matrices, which start at zero, hold whole multiples of lr after three steps (two, then a resume);
+    AdamW's steps after its first are fractions of lr."""
+    out = str(tmp_path / "run")
+    common = [*TINY, "--n-envs", "4", "--q-steps", "1", "--optimizer", "lion", "--out", out]
+    assert train(*common, "--steps", "8").returncode == 0
+    r = train(*common, "--steps", "12", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    lr = ckpt["config"]["lr"]
+    assert ckpt["it"] == 3 and lr == pytest.approx(1e-4, rel=1e-12)  # a tenth of the tiny preset's AdamW rate
+    for name in ("policy", "q"):
+        moves = torch.cat([B.flatten() for B in ckpt["adapters"]["weights"][name][1::2]]) / lr  # in steps of lr
+        assert (moves - moves.round()).abs().max() < 1e-3, name
+        assert moves.abs().max() == pytest.approx(3, abs=1e-3) and (moves != 0).float().mean() > 0.5, name
+        assert all(set(state) == {"exp_avg"} for state in ckpt["optimizers"][name]["state"].values())  # AdamW: 3
+
+
 @pytest.mark.slow
 def test_ppo_kl_runs_through_the_same_loop(tmp_path):
     out = str(tmp_path / "ppo")
