@@ -133,6 +133,13 @@ def test_lion_moves_every_weight_by_its_learning_rate_and_resumes(tmp_path):
         assert (moves - moves.round()).abs().max() < 1e-3, name
         assert moves.abs().max() == pytest.approx(3, abs=1e-3) and (moves != 0).float().mean() > 0.5, name
         assert all(set(state) == {"exp_avg"} for state in ckpt["optimizers"][name]["state"].values())  # AdamW: 3
+    # a resume keeps the run's optimizer; one saved before --optimizer existed ran AdamW
+    r = train(*common, "--steps", "16", "--resume", "--optimizer", "adamw", timeout=120)
+    assert r.returncode != 0 and "error: --optimizer adamw differs from the lion this run started with" in r.stderr
+    del ckpt["config"]["optimizer"]
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    r = train(*common, "--steps", "16", "--resume", timeout=120)
+    assert r.returncode != 0 and "error: --optimizer lion differs from the adamw this run started with" in r.stderr
 
 
 @pytest.mark.slow
