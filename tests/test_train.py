@@ -127,7 +127,7 @@ def test_lion_moves_every_weight_by_its_learning_rate_and_resumes(tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     lr = ckpt["config"]["lr"]
-    assert ckpt["it"] == 3 and lr == pytest.approx(1e-4, rel=1e-12)  # a tenth of the tiny preset's AdamW rate
+    assert ckpt["it"] == 3 and lr == 3e-4  # the tiny preset's for Lion (AdamW: 1e-3)
     for name in ("policy", "q"):
         moves = torch.cat([B.flatten() for B in ckpt["adapters"]["weights"][name][1::2]]) / lr  # in steps of lr
         assert (moves - moves.round()).abs().max() < 1e-3, name
