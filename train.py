@@ -41,6 +41,7 @@ from tqdm import tqdm
 import env
 import etpo
 import execution
+import lion
 import model
 import ppo_kl
 import sampling
@@ -79,7 +80,7 @@ parser.add_argument("--algo", default="etpo", choices=["etpo", "ppo_kl"], help="
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient beta (paper 0.01)")
 parser.add_argument("--gamma", type=float, default=0.99, help="discount between actions (paper 0.99)")
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "lion"],
-                    help="the adapters' optimizer: AdamW, or Lion as in the paper's code")
+                    help="the adapters' optimizer: AdamW, or Lion as in the paper's code (lion.py)")
 parser.add_argument("--lr", type=float, default=None,
                     help="learning rate of the adapters (AdamW 1e-4, Lion 3e-5; paper: Lion, 1e-6, on full copies)")
 parser.add_argument("--tau", type=float, default=None, help="Polyak rate of the target Q adapter (paper 0.005)")
@@ -193,8 +194,8 @@ if args.resume:
              "train.py wrote, or start without --resume")
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
             "checkpointing", "micro_batch", "cuda_graph"}  # how to run, not what: these may change when a run continues
-    saved.setdefault("conservative", 0.0)  # runs saved before these flags existed had no penalty, and AdamW
-    saved.setdefault("optimizer", "adamw")
+    saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
+    saved.setdefault("optimizer", "adamw")  # and trained with AdamW
     for key in sorted(given - keep):  # a flag that would be silently overridden by the saved value
         if key in saved and getattr(args, key) != saved[key]:
             fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the {saved[key]} this run started "
@@ -274,34 +275,8 @@ coding_env = env.CodingEnv(dataset, n_envs=args.n_envs, max_steps=args.episode_s
                            infill=lm.supports_infill, timeout=args.timeout)
 if args.algo == "etpo":
     etpo.polyak_update(lm.adapter_params("q_target"), lm.adapter_params("q"), tau=1.0)  # phi_bar <- phi
-
-
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675, Algorithm 2, without
-    weight decay), the optimizer of the paper's code: each weight moves by exactly lr, in the direction of the sign of
-    an interpolation of its gradient and its momentum; one state tensor per weight, where AdamW keeps two."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.99)):
-        super().__init__(params, dict(lr=lr, betas=betas))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-                m = self.state[p]["exp_avg"]  # the momentum, p's shape
-                # Lion: theta <- theta - lr * sign(beta1 * m + (1 - beta1) * g)
-                p.add_(torch.sign(m.lerp(p.grad, 1 - beta1)), alpha=-group["lr"])
-                # Lion: m <- beta2 * m + (1 - beta2) * g
-                m.lerp_(p.grad, 1 - beta2)
-
-
 trained = ("policy", "q") if args.algo == "etpo" else ("policy", "value")  # q_target only moves by Polyak
-optimizers = {name: Lion(lm.adapter_params(name), lr=args.lr) if args.optimizer == "lion"
+optimizers = {name: lion.Lion(lm.adapter_params(name), lr=args.lr) if args.optimizer == "lion"
               else torch.optim.AdamW(lm.adapter_params(name), lr=args.lr, weight_decay=0.0) for name in trained}
 start_it = 0
 if checkpoint is not None:
