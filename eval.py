@@ -238,16 +238,25 @@ def curve_table(run_dirs):
     """The learning curves as text: each run's mean reward of first attempts (the programs written from the task
     prompt) in each block of LAST_STEPS environment steps, by the step its iterations began after (a run's last block
     may be shorter; in a run of whole blocks it is the window that --runs reports); then, from the actions.jsonl of
-    the runs that have one, the share of reflections (the actions after a failure) that ran in each block."""
-    first, fixed = {}, {}
+    the runs that have one, the share of reflections (the actions after a failure) that ran in each block; then how
+    far the policy went: its KL to the reference (mean over the block's iterations) and, for ETPO, the largest
+    q/rare_mass, which rises before a run diverges (README, "Longer runs")."""
+    first, fixed, kl, rare = {}, {}, {}, {}
     for run in run_dirs:
         rows = read_log(run, "metrics.jsonl")
         starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
         block = {row["it"]: start // LAST_STEPS for row, start in zip(rows, starts)}  # iteration -> its block
         count = math.ceil(rows[-1]["env_steps"] / LAST_STEPS) if rows else 0  # (none before its first iteration)
-        rewards = [[row["env/first_try_reward"] for row in rows if block[row["it"]] == k
-                    and row["env/first_try_reward"] is not None] for k in range(count)]
-        first[run] = [f"{np.mean(values):+.2f}" if values else "-" for values in rewards]
+
+        def per_block(key, reduce, form):  # one cell per block: reduce() of the key's values in its iterations
+            values = [[row[key] for row in rows if block[row["it"]] == k and row.get(key) is not None]
+                      for k in range(count)]
+            return [format(reduce(v), form) if v else "-" for v in values]
+
+        first[run] = per_block("env/first_try_reward", np.mean, "+.2f")
+        kl[run] = per_block("policy/kl_ref", np.mean, ".3f")
+        if any("q/rare_mass" in row for row in rows):  # (ETPO logs it, PPO-KL does not)
+            rare[run] = per_block("q/rare_mass", max, ".3f")
         if os.path.isfile(os.path.join(run, "actions.jsonl")):  # (a run of an earlier train.py has none)
             ran = [[] for _ in range(count)]
             for action in read_log(run, "actions.jsonl"):
@@ -265,6 +274,10 @@ def curve_table(run_dirs):
     text = table(f"mean reward of first attempts in each block of {LAST_STEPS} environment steps:", first)
     if fixed:
         text += "\n\n" + table("share of reflections that ran (fixed the error they were shown) in each block:", fixed)
+    text += "\n\n" + table("KL to the reference, mean over each block's iterations:", kl)
+    if rare:
+        text += "\n\n" + table("largest q/rare_mass in each block (ETPO: pi*'s mass on the tokens the reference gives "
+                               "less than 1e-3):", rare)
     return text
 
 

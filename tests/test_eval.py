@@ -141,10 +141,10 @@ def test_the_reference_column_of_runs_is_their_base_model(tmp_path):
 
 
 def test_learning_curves_alone(ckpt, tmp_path):
-    """--curves RUN needs no model: it prints each run's first-attempt reward and the share of its reflections that ran
-    by blocks of environment steps and, where matplotlib (optional) is installed, plots the mean reward; a stand-in
-    for matplotlib saves what it was asked to plot. Without it, the tables alone and one line that says why there is
-    no plot."""
+    """--curves RUN needs no model: it prints each run's first-attempt reward, the share of its reflections that ran,
+    its KL to the reference and its largest q/rare_mass by blocks of environment steps and, where matplotlib
+    (optional) is installed, plots the mean reward; a stand-in for matplotlib saves what it was asked to plot. Without
+    it, the tables alone and one line that says why there is no plot."""
     run_dir = os.path.dirname(ckpt)
     fake = tmp_path / "fake" / "matplotlib"
     fake.mkdir(parents=True)
@@ -164,31 +164,52 @@ def test_learning_curves_alone(ckpt, tmp_path):
     lines = json.loads((tmp_path / "c.png").read_text())
     assert lines == [["etpo", [m["env_steps"] for m in rows], [m["env/reward_mean"] for m in rows]]]
     assert not (tmp_path / "e").exists()  # nothing else was written
-    # the tables: the run's 16 environment steps are the first block of 160, whose first attempts it averages, and
-    # whose reflections (actions.jsonl's actions at step 2 and on) it counts
+    # the tables: the run's 16 environment steps are the first block of 160, whose first attempts and KL it averages,
+    # whose reflections (actions.jsonl's actions at step 2 and on) it counts, and whose largest q/rare_mass it shows
     first = [m["env/first_try_reward"] for m in rows if m["env/first_try_reward"] is not None]
     with open(os.path.join(run_dir, "actions.jsonl")) as f:
         ran = [action["error"] is None for action in map(json.loads, f) if action["step"] > 1]
     assert rows[-1]["env_steps"] == 16 and 0 < len(ran) <= 8  # the second iteration reflects on the first's failures
-    table = ["| run | 1-160 |", "|---|---|", f"| {run_dir} | {sum(first) / len(first):+.2f} |", "",
-             "share of reflections that ran (fixed the error they were shown) in each block:", "| run | 1-160 |",
-             "|---|---|", f"| {run_dir} | {sum(ran) / len(ran):.2f} |"]
-    assert r.stdout.splitlines()[-9:] == table + [f"wrote {tmp_path / 'c.png'}"]
+    kl, rare = [m["policy/kl_ref"] for m in rows], [m["q/rare_mass"] for m in rows]
+    assert len(rows) == 2 and kl[1] > 0 and rare[0] != rare[1]  # (so that a mean and a max differ from one value)
+
+    def tables(runs):  # runs: (folder, whether it has actions.jsonl, whether it logs q/rare_mass)
+        cells = {"mean reward of first attempts in each block of 160 environment steps:":
+                     f"{sum(first) / len(first):+.2f}",
+                 "share of reflections that ran (fixed the error they were shown) in each block:":
+                     f"{sum(ran) / len(ran):.2f}",
+                 "KL to the reference, mean over each block's iterations:": f"{sum(kl) / 2:.3f}",
+                 "largest q/rare_mass in each block (ETPO: pi*'s mass on the tokens the reference gives less than "
+                 "1e-3):": f"{max(rare):.3f}"}
+        lines = []
+        for k, (title, cell) in enumerate(cells.items()):
+            lines += [""] * (k > 0) + [title, "| run | 1-160 |", "|---|---|"] + [
+                f"| {run} | {cell} |" for run, has_actions, has_rare in runs if (has_actions or k != 1)
+                and (has_rare or k != 3)]
+        return lines
+
+    table = tables([(run_dir, True, True)])
+    assert r.stdout.splitlines()[-len(table) - 1:] == table + [f"wrote {tmp_path / 'c.png'}"]
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     r = subprocess.run([sys.executable, "eval.py", "--curves", run_dir, "--out", str(tmp_path / "e")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=environ)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[-9:] == table + [
+    assert r.stdout.splitlines()[-len(table) - 1:] == table + [
         f"(no plot at {tmp_path / 'e' / 'curves.png'}: it needs matplotlib, which the requirements leave out)"]
     assert not (tmp_path / "e").exists()
-    # a run of an earlier train.py, which wrote no actions.jsonl, has a row in the first table only
-    old = tmp_path / "old"
+    # a run of an earlier train.py, which wrote no actions.jsonl, has no row in the reflections' table, and a run that
+    # logs no q/rare_mass (PPO-KL) none in its table
+    old, ppo = tmp_path / "old", tmp_path / "ppo"
     old.mkdir()
+    ppo.mkdir()
     (old / "metrics.jsonl").write_text(open(os.path.join(run_dir, "metrics.jsonl")).read())
-    r = subprocess.run([sys.executable, "eval.py", "--curves", f"{run_dir},{old}", "--out", str(tmp_path / "e")],
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in m.items() if k != "q/rare_mass"}) + "\n"
+                                               for m in rows))
+    r = subprocess.run([sys.executable, "eval.py", "--curves", f"{run_dir},{old},{ppo}", "--out", str(tmp_path / "e")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[-10:-1] == table[:3] + [table[2].replace(run_dir, str(old))] + table[3:]
+    table = tables([(run_dir, True, True), (str(old), False, True), (str(ppo), False, False)])
+    assert r.stdout.splitlines()[-len(table) - 1:-1] == table
 
 
 def test_first_attempts_over_the_same_last_steps_for_every_algorithm(tmp_path):
