@@ -234,6 +234,11 @@ def read_log(run, name):
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
+def cells(blocks, reduce, form):
+    """One table cell per block: reduce() of its values in the format form, or "-" for a block without any."""
+    return [format(reduce(values), form) if values else "-" for values in blocks]
+
+
 def curve_table(run_dirs):
     """The learning curves as text: each run's mean reward of first attempts (the programs written from the task
     prompt) in each block of LAST_STEPS environment steps, by the step its iterations began after (a run's last block
@@ -248,21 +253,20 @@ def curve_table(run_dirs):
         block = {row["it"]: start // LAST_STEPS for row, start in zip(rows, starts)}  # iteration -> its block
         count = math.ceil(rows[-1]["env_steps"] / LAST_STEPS) if rows else 0  # (none before its first iteration)
 
-        def per_block(key, reduce, form):  # one cell per block: reduce() of the key's values in its iterations
-            values = [[row[key] for row in rows if block[row["it"]] == k and row.get(key) is not None]
-                      for k in range(count)]
-            return [format(reduce(v), form) if v else "-" for v in values]
+        def per_block(key):  # the key's values in each block's iterations
+            return [[row[key] for row in rows if block[row["it"]] == k and row.get(key) is not None]
+                    for k in range(count)]
 
-        first[run] = per_block("env/first_try_reward", np.mean, "+.2f")
-        kl[run] = per_block("policy/kl_ref", np.mean, ".3f")
+        first[run] = cells(per_block("env/first_try_reward"), np.mean, "+.2f")
+        kl[run] = cells(per_block("policy/kl_ref"), np.mean, ".3f")
         if any("q/rare_mass" in row for row in rows):  # (ETPO logs it, PPO-KL does not)
-            rare[run] = per_block("q/rare_mass", max, ".3f")
+            rare[run] = cells(per_block("q/rare_mass"), max, ".3f")
         if os.path.isfile(os.path.join(run, "actions.jsonl")):  # (a run of an earlier train.py has none)
             ran = [[] for _ in range(count)]
             for action in read_log(run, "actions.jsonl"):
                 if action["step"] > 1 and action["it"] in block:  # (the iterations that metrics.jsonl logged whole)
                     ran[block[action["it"]]].append(action["error"] is None)
-            fixed[run] = [f"{np.mean(values):.2f}" if values else "-" for values in ran]
+            fixed[run] = cells(ran, np.mean, ".2f")
     width = max(len(curve) for curve in first.values())
 
     def table(title, curves):
