@@ -198,7 +198,7 @@ def save_whole(hf, tok, path, cache_dir, info):
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "done"), "w") as f:
             json.dump(info, f)
-        for name in os.listdir(tmp):  # the bytes reach the disk before the rename, as in train.py's replace_file:
+        for name in os.listdir(tmp):  # the bytes reach the disk before the rename, as in run_folder.py's replace_file:
             with open(os.path.join(tmp, name), "rb") as f:  # after a power cut no `done` stands beside empty weights
                 os.fsync(f.fileno())
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, "done")):

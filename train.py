@@ -18,8 +18,9 @@ Departures from the paper (each is a flag; README "Departures from the paper"):
    0.5, which kept 90-iteration runs from diverging, see the README).
 
 Both algorithms share everything but the update (etpo_update / ppo_kl_update below): the rollout, the environment,
-logging, checkpoints and resume. PPO-KL rolls out --rollout-steps environment steps per iteration (default: the
-episode's step limit) so that GAE has episodes to run over; ETPO needs one.
+logging, checkpoints and resume (run_folder.py: the run's folder, its lock, files written whole, stop signals).
+PPO-KL rolls out --rollout-steps environment steps per iteration (default: the episode's step limit) so that GAE has
+episodes to run over; ETPO needs one.
 """
 
 import argparse
@@ -28,7 +29,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -44,6 +44,7 @@ import execution
 import lion
 import model
 import ppo_kl
+import run_folder
 import sampling
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -126,72 +127,14 @@ if args.rollout_steps is None:
     args.rollout_steps = 1 if args.algo == "etpo" else args.episode_steps
 model_name = os.path.basename(args.model.rstrip("/"))
 out = args.out or os.path.join("runs", f"{env.folder_name(args.dataset)}-{model_name}-{args.algo}")
-ckpt_path = os.path.join(out, "ckpt.pt")
-made_out = not os.path.exists(out)  # fail() removes the folder this run makes if nothing was written into it
-
-
-def fail(message, at_once=False):
-    if made_out and os.path.isdir(out) and os.listdir(out) == [".lock"]:
-        shutil.rmtree(out, ignore_errors=True)
-    if at_once:  # from a signal handler: an exception raised there can land in a __del__ or a library's bare except,
-        # which swallows it and the run goes on, so the process ends here (the run's files are written whole)
-        with contextlib.suppress(Exception):  # (the signal may have cut a print short)
-            sys.stdout.flush()
-        os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
-        os._exit(1)
-    sys.exit(f"error: {message}")
-
-
-# until the loop, where on_stop (below) takes over, Ctrl-C (while the model loads, say) quits at once, no traceback
+folder = run_folder.RunFolder(out)  # the lock, the checkpoint, the logs, one-sentence errors, stop signals
+fail = folder.fail
+# until the loop, where folder.stop_on_signals takes over, Ctrl-C (while the model loads, say) quits at once
 signal.signal(signal.SIGINT, lambda signum, frame: fail("stopped by Ctrl-C before the first iteration", at_once=True))
 
-
-def resume_command():
-    """How to continue from the checkpoint on disk, for the sentence that ends a run ("" if there is none yet)."""
-    return f"--resume --out {out}" if os.path.exists(ckpt_path) else ""
-
-
-def could_not_write(path, e):  # a full disk, say: one sentence, and the checkpoint on disk stays whole
-    resume = resume_command()
-    reason = str(e).partition("\n")[0][:100]
-    fail(f"could not write {path} ({reason}): free some space, then "
-         + (f"continue from the last checkpoint with {resume}" if resume else "start again"))
-
-
-def replace_file(path, save):
-    """Write a file of the run whole or not at all: save(f) writes PATH.tmp, which then replaces PATH (an atomic
-    rename), so a crash or a full disk never leaves half a checkpoint, of best_code.py, or of the log files that a
-    resume rewrites. The bytes reach the disk before the rename: after a power cut or a node's crash PATH is the old
-    file or the new one, where a rename can otherwise reach the disk first and leave PATH empty."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when a write fails
-        could_not_write(path, e)
-    finally:  # whatever cut the write short (a second Ctrl-C, too): no half file is left beside PATH
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-
-
-def append_line(path, line):
-    try:
-        with open(path, "a") as f:  # closed at once: a failed write leaves no buffer to fail again at exit
-            f.write(line + "\n")
-    except OSError as e:
-        could_not_write(path, e)
-
-
-checkpoint = None
-if args.resume:
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = checkpoint["config"]
-    except Exception as e:  # any unreadable file (missing, truncated, not a checkpoint) gets the same answer
-        fail(f"could not read the checkpoint {ckpt_path} ({type(e).__name__}); pass the --out of a run that "
-             "train.py wrote, or start without --resume")
+checkpoint = folder.checkpoint(args.resume)  # None for a new run
+if checkpoint is not None:
+    saved = checkpoint["config"]
     keep = {"steps", "out", "resume", "sample_every", "save_every", "device", "workers", "data_dir", "openml_cache",
             "checkpointing", "micro_batch", "cuda_graph"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
@@ -204,8 +147,6 @@ if args.resume:
     for key, value in saved.items():
         if key not in keep or (key == "steps" and key not in given):  # the run's budget, unless --steps changes it
             setattr(args, key, value)  # the run continues with the configuration it started with
-elif os.path.exists(ckpt_path):  # said before the model loads, which takes minutes for a 7B model
-    fail(f"{out} already holds a run; continue it with --resume, or pass another --out")
 checks = [  # a value out of range ends here with one sentence, not with a division by zero or a NaN mid-run
     (("n_envs", "episode_steps", "rollout_steps", "max_new_tokens", "lora_rank", "q_steps", "ppo_epochs", "minibatches",
       "save_every", "workers", "beta", "lr", "timeout", "huber_delta"), lambda v: v > 0, "must be positive"),
@@ -246,18 +187,7 @@ try:
     dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
-try:  # before the model loads, too
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "w")  # locked while this process lives: two runs never share a folder
-except OSError as e:
-    fail(f"cannot create the run folder {out} ({e.strerror}): pass another --out")
-try:
-    import fcntl  # here, not above: Windows lacks it, and `import env` has already ended a run there in one sentence
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
-    fail(f"another train.py is writing to {out}: wait for it to end, or pass another --out")
-except OSError as e:  # a file system without locks (Lustre mounted without -o flock, some NFS): the run goes on
-    print(f"warning: {out} cannot be locked ({e.strerror}); start no second run into it while this one runs")
+folder.lock()  # before the model loads, too
 try:
     if args.model == "codellama-7b-arch":  # bench.py's preset: it would fail at the first prompt, after a 7B build
         fail("codellama-7b-arch has random weights and no tokenizer (it is for bench.py and simulate.py): train "
@@ -293,43 +223,21 @@ if checkpoint is not None:
     torch.set_rng_state(checkpoint["rng"]["torch"])
     generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
     start_it = checkpoint["it"]
-    print(f"resumed from {ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
-metrics_path = os.path.join(out, "metrics.jsonl")  # one line per iteration
-actions_path = os.path.join(out, "actions.jsonl")  # one line per action: its program and what it scored
-for path in (metrics_path, actions_path):
-    kept = []  # on resume, keep the lines of the iterations the checkpoint contains, drop any logged after it, and
-    if checkpoint is not None and os.path.exists(path):  # a last line cut short (a crash, a full disk)
-        kept = [line for line in open(path) if line.endswith("\n") and json.loads(line)["it"] < start_it]
-    replace_file(path, lambda f: f.write("".join(kept).encode()))
+    print(f"resumed from {folder.ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
+folder.start_logs(["metrics.jsonl", "actions.jsonl"], start_it)  # one line per iteration; one per action
 
 
 def save_checkpoint(it):
     """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
-    state = {"adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
-             "config": vars(args), "checkpointing": checkpointing, "micro_batch": micro_batch,
-             "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "generator": generator.get_state()}}
-    replace_file(ckpt_path, lambda f: torch.save(state, f))
+    folder.save_checkpoint({
+        "adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
+        "config": vars(args), "checkpointing": checkpointing, "micro_batch": micro_batch,
+        "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "generator": generator.get_state()}})
 
 
-stop_requested = False
-
-
-def on_stop(signum, frame):  # the first of execution.STOP_SIGNALS (Ctrl-C, SIGTERM, SIGUSR1): finish the iteration,
-    # save, exit; a second one: quit now. The sandbox ignores them, so the programs in flight are not cut short.
-    global stop_requested
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-    if stop_requested:
-        resume = resume_command()
-        fail(f"stopped by a second {name}, without saving this iteration"
-             + (f"; continue from the last checkpoint with {resume}" if resume else ""))
-    stop_requested = True
-    print(f"\n{name}: finishing this iteration, then saving the checkpoint (a second {name} quits without saving)")
-
-
-for sig in execution.STOP_SIGNALS:
-    signal.signal(sig, on_stop)
+folder.stop_on_signals()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save, exit (a second one: quit now)
 
 
 @contextlib.contextmanager
@@ -339,7 +247,7 @@ def gpu_advice(stage, prompt_tokens=None):
     yet on a GPU), ends the run with one sentence of advice instead of a traceback; the checkpoint on disk (written
     only between iterations) is left as it was. prompt_tokens: the batch's longest prompt, which the update's memory
     grows with."""
-    resume = resume_command()
+    resume = folder.resume_command()
     try:
         yield
     except torch.cuda.OutOfMemoryError:
@@ -615,7 +523,7 @@ for it in range(start_it, iterations):
             try:
                 rewards, dones, next_prompts, infos = coding_env.step(texts)
             except execution.SandboxError as e:
-                resume = resume_command()
+                resume = folder.resume_command()
                 fail(f"{e}; then continue with {resume}" if resume else str(e))
         t_env += time.time() - t1
         steps.append((prompts, tokens, lengths, rewards, dones, next_prompts, infos))
@@ -647,8 +555,8 @@ for it in range(start_it, iterations):
         print(f"warning: iteration {it}: a non-finite loss ({stats}); that update was skipped")
         if bad_updates >= 3:
             save_checkpoint(it + 1)
-            fail(f"{bad_updates} non-finite losses in a row; the last good state is in {ckpt_path}: lower --lr "
-                 "or raise --beta and resume")
+            fail(f"{bad_updates} non-finite losses in a row; the last good state is in {folder.ckpt_path}: "
+                 "lower --lr or raise --beta and resume")
     else:
         bad_updates = 0
     elapsed = time.time() - t_start
@@ -667,11 +575,11 @@ for it in range(start_it, iterations):
                "perf/gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "perf/checkpointing": checkpointing, "perf/micro_batch": micro_batch,
                "time_s": elapsed}
-    append_line(metrics_path, json.dumps(metrics))
+    folder.append_line("metrics.jsonl", json.dumps(metrics))
     actions = [{"it": it, "episode": row % args.n_envs, "step": int(info["step"]), "tokens": n,
                 "reward": float(info["reward"]), "error": info["error"], "code": info["code"]}
                for row, (info, n) in enumerate(zip(infos, lengths.tolist()))]
-    append_line(actions_path, "\n".join(json.dumps(action) for action in actions))
+    folder.append_line("actions.jsonl", "\n".join(json.dumps(action) for action in actions))
     eta = elapsed / n_done * (iterations - it - 1)
     print(f"it {it + 1}/{iterations} | steps {coding_env.env_steps} | reward {metrics['env/reward_mean']:+.3f} | "
           f"success {metrics['env/success_rate']:.2f} | best {coding_env.best_reward:.4f} | "
@@ -684,7 +592,7 @@ for it in range(start_it, iterations):
         best_seen = coding_env.best_reward
         header = (f"# ROC AUC {best_seen:.4f} on {dataset.name} (mean of 5 random 50/50 splits), iteration {it + 1}, "
                   f"environment step {coding_env.env_steps}\n")
-        replace_file(os.path.join(out, "best_code.py"), lambda f: f.write((header + coding_env.best_code).encode()))
+        folder.replace_file("best_code.py", lambda f: f.write((header + coding_env.best_code).encode()))
     if args.sample_every and (it + 1) % args.sample_every == 0:
         # the n-th sample: a first attempt when n is odd, a reflection (if the batch has one) when n is even, from a
         # row that moves along the batch
@@ -699,10 +607,10 @@ for it in range(start_it, iterations):
         print(f"--- sample (episode {action['episode']}, step {action['step']}), after:\n"
               f"{env.prompt_tail(prompts[row])}\n--- its action:\n" + "\n".join(code) + f"\n--- {result}")
     last = it + 1 == iterations
-    if last or stop_requested or (it + 1) % args.save_every == 0:
+    if last or folder.stop_requested or (it + 1) % args.save_every == 0:
         save_checkpoint(it + 1)
-    if stop_requested:
-        print(f"saved {ckpt_path} at iteration {it + 1}; continue with --resume --out {out}")
+    if folder.stop_requested:
+        print(f"saved {folder.ckpt_path} at iteration {it + 1}; continue with --resume --out {out}")
         break
 
 sandbox.close()
