@@ -221,8 +221,15 @@ if checkpoint is not None:
     random.setstate(checkpoint["rng"]["python"])
     np.random.set_state(checkpoint["rng"]["numpy"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
-    generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
     start_it = checkpoint["it"]
+    try:
+        generator.set_state(checkpoint["rng"]["generator"].to("cpu"))
+    except RuntimeError:  # the state of a generator on another device (--device may change when a run continues: a
+        # run saved on a GPU, resumed on the CPU, or back) does not fit this one, whose numbers it could not repeat
+        generator.manual_seed(args.seed + start_it)
+        print(f"warning: this run was saved on another kind of device than {device.type}, whose sampling generator "
+              f"cannot continue it: the rollouts sample from seed {args.seed + start_it} from here, so the run no "
+              "longer repeats one that was never stopped")
     print(f"resumed from {folder.ckpt_path} at iteration {start_it} ({coding_env.env_steps} environment steps)")
 folder.start_logs(["metrics.jsonl", "actions.jsonl"], start_it)  # one line per iteration; one per action
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
         f"error: {half} has run its 4 iterations (32 environment steps) already: to train on, pass a larger --steps "
         "with --resume")
+
+
+def test_a_run_saved_on_another_kind_of_device_resumes_with_a_warning(ckpt, tmp_path):
+    # --device may change when a run continues, but a CUDA generator's state (16 bytes, its seed and Philox offset)
+    # does not fit a CPU generator (5,056 bytes), nor back: resuming a GPU run on the CPU was a traceback
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.dirname(ckpt), out)
+    checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert checkpoint["rng"]["generator"].shape == (5056,)  # saved here, on the CPU
+    checkpoint["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator saves it
+    torch.save(checkpoint, os.path.join(out, "ckpt.pt"))
+    r = train("--resume", "--out", out, "--steps", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: this run was saved on another kind of device than cpu, whose sampling generator cannot continue "
+            "it: the rollouts sample from seed 2 from here") in r.stdout  # seed 0 + 2 iterations
+    assert [m["it"] for m in metrics(out)] == [0, 1, 2]
 
 
 def train_patched(tmp_path, sitecustomize, *args, **environ):
