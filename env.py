@@ -206,8 +206,9 @@ def prepare(name, df, target, source):
     y = labels_column.astype(str).map({v: i for i, v in enumerate(labels)}).to_numpy(np.int64)
     counts = np.bincount(y, minlength=len(labels))
     if len(labels) < 2:  # the reward is a ROC AUC: every program would score -1, and training would learn nothing
-        raise ValueError(f"the target '{target}' of {name} has {len(labels)} class ({labels[:1]}); the reward is a "
-                         "ROC AUC, which needs at least two: pass another target column (path.csv:column)")
+        found = f"one class only ({labels[0]!r})" if labels else "no value in any row"
+        raise ValueError(f"the target '{target}' of {name} has {found}; the reward is a ROC AUC, which needs at least "
+                         "two classes: pass another target column (path.csv:column)")
     if counts.min() < MIN_CLASS_ROWS:  # else a split can leave a class out of x_train, and every program fails there
         rare = [labels[i] for i in np.flatnonzero(counts < MIN_CLASS_ROWS)]
         raise ValueError(f"the target '{target}' of {name} has {len(rare)} of its {len(labels)} classes with fewer "

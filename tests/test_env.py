@@ -218,8 +218,11 @@ def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_clas
         path.write_text("\n".join(["a,b,y"] + [f"{r[0]},{r[1]},{v}" for r, v in zip(x, labels)]))
         return str(path)
 
-    with pytest.raises(ValueError, match="has 1 class .* needs at least two"):
+    with pytest.raises(ValueError, match="'y' of 1-100 has one class only \\('yes'\\); .* needs at least two classes"):
         env.load_dataset(csv(["yes"] * 100))
+    (tmp_path / "header.csv").write_text("a,b,y\n")  # a header, and no row
+    with pytest.raises(ValueError, match="'y' of header has no value in any row; .* needs at least two classes"):
+        env.load_dataset(str(tmp_path / "header.csv"))
     rare = env.MIN_CLASS_ROWS - 1
     with pytest.raises(ValueError, match=f"1 of its 3 classes with fewer than {env.MIN_CLASS_ROWS} rows .*'rare'"):
         env.load_dataset(csv(["a"] * 50 + ["b"] * (50 - rare) + ["rare"] * rare))
