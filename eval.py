@@ -369,6 +369,8 @@ def check_arguments(args):
     for run in args.curves.split(",") if args.curves else []:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
             sys.exit(f"error: {run} holds no metrics.jsonl; pass run folders of train.py to --curves")
+        if os.path.getsize(os.path.join(run, "metrics.jsonl")) == 0:  # a run that ended before its first iteration
+            sys.exit(f"error: {run} has logged no iteration yet; pass runs that have finished one to --curves")
     return text
 
 

@@ -294,11 +294,14 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
     import eval as evaluation  # the other checks of the command line, in this process: sys.exit's message is the line
 
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "new-run").mkdir()  # a run that ended before its first iteration: its tables had no column
+    (tmp_path / "new-run" / "metrics.jsonl").write_text("")
     for flags, phrase in ((["--perplexity", str(tmp_path / "no-such.txt")], "(FileNotFoundError)"),
                           (["--perplexity", str(tmp_path / "a-file")], "(it is empty)"),  # its perplexity read 1.0
                           (["--perplexity", str(tmp_path / "binary.txt")], "(UnicodeDecodeError)"),  # a traceback
                           (["--policies", "reference,best"], "names a policy other than trained and reference"),
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
+                          (["--curves", str(tmp_path / "new-run")], "has logged no iteration yet"),
                           (["--n-envs", "0"], "--n-envs 0 must be positive")):  # was max() of an empty sequence
         with pytest.raises(SystemExit) as stop:
             evaluation.check_arguments(evaluation.parser.parse_args(["--model", "tiny", *flags]))
