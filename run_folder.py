@@ -29,6 +29,7 @@ class RunFolder:
         self.ckpt_path = os.path.join(path, "ckpt.pt")
         self.made = not os.path.exists(path)  # fail() removes the folder this run makes if nothing was written into it
         self.stop_requested = False  # by the first stop signal (stop_on_signals): the loop saves and ends
+        self.lock_file = None  # OUT/.lock, open and locked while the run lives (lock)
 
     def fail(self, message, at_once=False):
         """End the run with one sentence on stderr and exit status 1, no traceback."""

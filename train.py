@@ -236,12 +236,12 @@ folder.start_logs(["metrics.jsonl", "actions.jsonl"], start_it)  # one line per 
 
 def save_checkpoint(it):
     """Everything needed to continue exactly: adapters (never the base), optimizers, RNG states, env counters."""
-    folder.save_checkpoint({
-        "adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
-        "config": vars(args), "checkpointing": checkpointing, "micro_batch": micro_batch,
-        "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "generator": generator.get_state()}})
+    state = {"adapters": lm.adapter_state(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "it": it,
+             "config": vars(args), "checkpointing": checkpointing, "micro_batch": micro_batch,
+             "env": coding_env.state_dict(), "reward_cache": sandbox.cache,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "generator": generator.get_state()}}
+    folder.save_checkpoint(state)
 
 
 folder.stop_on_signals()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save, exit (a second one: quit now)
