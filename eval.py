@@ -140,6 +140,9 @@ def training_run(run, sandbox, args):
     run found while training, within its environment steps; the held-out ROC AUC of that program; the share of its
     actions that ran (the mean of env/success_rate over its iterations); the mean reward of its first attempts in its
     last LAST_STEPS environment steps (env/first_try_reward), what the trained policy writes from the task prompt."""
+    if os.path.isfile(os.path.join(run, "metrics.jsonl")) and not os.path.exists(os.path.join(run, "ckpt.pt")):
+        sys.exit(f"error: {run} holds no checkpoint yet (train.py writes one every --save-every iterations and at "
+                 "the end); pass runs that have saved one")
     try:
         ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
         config, state = ckpt["config"], ckpt["env"]

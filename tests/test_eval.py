@@ -310,6 +310,22 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
         evaluation.load_policy(evaluation.parser.parse_args(["--model", "codellama-7b-arch"]))
 
 
+def test_a_folder_that_is_not_a_finished_run_ends_with_one_sentence(tmp_path):
+    import eval as evaluation
+
+    (tmp_path / "started").mkdir()  # a run before its first checkpoint: metrics.jsonl, and no ckpt.pt
+    (tmp_path / "started" / "metrics.jsonl").write_text('{"it": 0}\n')
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    for run, sentence in [("started", "holds no checkpoint yet (train.py writes one every --save-every iterations "
+                                      "and at the end); pass runs that have saved one"),
+                          ("foreign", "is not a run folder of train.py (UnpicklingError); pass the --out of a run"),
+                          ("missing", "is not a run folder of train.py (FileNotFoundError); pass the --out of a run")]:
+        with pytest.raises(SystemExit) as stop:
+            evaluation.training_run(str(tmp_path / run), None, None)
+        assert stop.value.code == f"error: {tmp_path / run} {sentence}"
+
+
 def test_a_ctrl_c_mid_way_keeps_the_runs_finished_in_the_tables(tmp_path):
     # a Ctrl-C as the second seed starts (its environment is made): the first seed's run is in the tables, the rest
     # of the cells read "-"; an hour of evaluation was lost to a traceback before
