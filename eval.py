@@ -358,6 +358,8 @@ def check_arguments(args):
         sys.exit("error: --credit needs an ETPO checkpoint (--ckpt of a run with --algo etpo)")
     if args.policies and set(args.policies.split(",")) - {"trained", "reference", ""}:
         sys.exit(f"error: --policies {args.policies} names a policy other than trained and reference")
+    if args.policies and "trained" in args.policies.split(",") and not args.ckpt:
+        sys.exit("error: --policies trained needs --ckpt")
     text = None
     if args.perplexity:
         try:
@@ -436,8 +438,6 @@ def main():
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
     policies = [p for p in policies.split(",") if p]
-    if "trained" in policies and not args.ckpt:
-        sys.exit("error: --policies trained needs --ckpt")
     sandbox = execution.Sandbox()
     results = [training_run(run, sandbox, args) for run in runs]  # one row per dataset, method and seed
     if len({(r["dataset"], r["method"], r["seed"]) for r in results}) < len(results):

@@ -101,6 +101,8 @@ def test_user_errors_are_one_clear_sentence(tmp_path, no_network):
         env.load_dataset("nope")
     with pytest.raises(FileNotFoundError, match="needs the file .*pharyngitis.csv"):
         env.load_dataset("pharyngitis", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"^no CSV file at {tmp_path}/nope.csv; check the path$"):
+        env.load_dataset(str(tmp_path / "nope.csv:target"))
     with pytest.raises(RuntimeError, match="could not get OpenML dataset 23 .*--openml-cache"):
         env.load_dataset("cmc", openml_cache=str(tmp_path / "empty"))
 
@@ -281,6 +283,8 @@ def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandb
 def test_execute_is_the_public_one_call_form(iris):
     reward, error = execution.execute(GOOD, iris, timeout=30)
     assert error is None and 0.9 < reward <= 1.0
+    reward, error = execution.execute("model = None", iris, timeout=30)  # a whole program, without the function
+    assert reward == -1.0 and "the code does not define build_model(x_train, y_train)" in error
     # its sandbox is never closed: the scratch folders' root goes when the process exits all the same
     script = (f"import env, execution\nexecution.execute({GOOD!r}, env.load_dataset('iris'))\n"
               "print(execution._SANDBOX.root)")
@@ -294,6 +298,9 @@ ZOO = {  # name: (body, a phrase the error must contain)
     "exception": ("x = 1 / 0", "line 1: x = 1 / 0\nZeroDivisionError"),
     "no_predict_proba": ("from sklearn.svm import LinearSVC\nreturn LinearSVC().fit(x_train, y_train)", "predict_pr"),
     "returns_none": ("pass", "returned None"),
+    # one column where iris has 3 classes, for each half of the 120 rows the held-out 20% leaves
+    "one_column_of_probabilities": ("class Model:\n    def predict_proba(self, x):\n        return [[1.0]] * len(x)\n"
+                                    "return Model()", "predict_proba returned shape (60, 1), expected (60, 3)"),
     "infinite_loop": ("while True:\n    pass", "longer than 3 seconds"),
     "sleep_past_timeout": ("import time\ntime.sleep(60)", "longer than 3 seconds"),
     "memory_bomb": ("x = [0] * 10**10", "MemoryError"),

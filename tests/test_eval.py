@@ -300,6 +300,7 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
                           (["--perplexity", str(tmp_path / "a-file")], "(it is empty)"),  # its perplexity read 1.0
                           (["--perplexity", str(tmp_path / "binary.txt")], "(UnicodeDecodeError)"),  # a traceback
                           (["--policies", "reference,best"], "names a policy other than trained and reference"),
+                          (["--policies", "trained"], "--policies trained needs --ckpt"),  # said before any work
                           (["--curves", str(tmp_path)], "holds no metrics.jsonl"),
                           (["--curves", str(tmp_path / "new-run")], "has logged no iteration yet"),
                           (["--n-envs", "0"], "--n-envs 0 must be positive")):  # was max() of an empty sequence
