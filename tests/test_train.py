@@ -381,6 +381,25 @@ def test_an_update_that_runs_out_of_gpu_memory_runs_again_with_checkpointing(alg
     assert [m["perf/checkpointing"] for m in metrics(run)] == [False, True, True]
 
 
+def test_non_finite_losses_skip_their_step_and_three_in_a_row_end_the_run(tmp_path):
+    # a Q loss that is NaN at every update: its steps are skipped (the Q adapter and its target stay as they were
+    # made, no NaN reaches a weight) while the policy's finite steps go on; the third in a row saves and ends the run
+    hook = "import etpo\n\nq_loss = etpo.q_loss\netpo.q_loss = lambda *args: q_loss(*args) * float('nan')\n"
+    r = train_patched(tmp_path, hook, "--steps", "24", "--save-every", "100")
+    out = str(tmp_path / "run")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.count("a non-finite loss") == 3 and "warning: iteration 0: a non-finite loss ({'loss/q': nan" \
+        in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == (f"error: 3 non-finite losses in a row; the last good state is in "
+                                                 f"{out}/ckpt.pt: lower --lr or raise --beta and resume")
+    checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    weights = checkpoint["adapters"]["weights"]  # [A, B] of each adapted layer
+    assert checkpoint["it"] == 3 and all(torch.isfinite(p).all() for ps in weights.values() for p in ps)
+    assert all(torch.equal(q, target) for q, target in zip(weights["q"], weights["q_target"], strict=True))
+    assert all(not b.any() for b in weights["q"][1::2])  # B = 0, as made
+    assert any(b.any() for b in weights["policy"][1::2])  # the policy's steps were taken
+
+
 @pytest.mark.slow
 def test_running_out_of_gpu_memory_ends_with_advice(tmp_path):
     # CUDA's out-of-memory error, raised on the CPU by the update's forward or by the rollout's sampling loop
