@@ -191,6 +191,20 @@ def test_architectures_that_share_llamas_layer_names_need_no_flag(arch, codellam
             assert torch.allclose(logits, lm.last_logits(ids, mask), atol=1e-5)
 
 
+def test_an_architecture_that_rescales_its_logits_after_the_head_is_refused(codellama_like):
+    # Gemma 2 caps its logits (30 tanh(l / 30)) after the LM head, which AdapterLM.head, the float32 head that every
+    # log-probability and Q comes from, leaves out: its policy would not be the model's
+    import transformers
+
+    _, tok = codellama_like
+    config = transformers.Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    assert config.final_logit_softcapping  # (30.0 by default)
+    with pytest.raises(ValueError, match="^Gemma2 rescales its logits after the LM head, which AdapterLM.head does "
+                                         "not do$"):
+        model.AdapterLM(transformers.Gemma2ForCausalLM(config).eval(), tok, name="Gemma2")
+
+
 @pytest.mark.parametrize("most", [2, 8])
 def test_rows_with_one_prompt_share_its_forward_with_the_same_logits_and_gradients(lm, monkeypatch, most):
     # six rows, three prompts (three rows of the first, two of the second), actions of different lengths; most = 2
