@@ -29,6 +29,7 @@ import html
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -385,12 +386,17 @@ def export(args):
         sys.exit("error: --export needs --ckpt RUN/ckpt.pt, the run whose policy to write")
     if os.path.exists(args.export) and (not os.path.isdir(args.export) or os.listdir(args.export)):
         sys.exit(f"error: {args.export} exists and is not an empty folder: pass a new folder to --export")
+    from safetensors import SafetensorError
+
     lm, _ = load_policy(args)
     try:
         model.save_merged(lm, "policy", args.export)
-    except OSError as e:  # a full disk, a folder that cannot be created
-        sys.exit(f"error: could not write the model to {args.export} ({e.strerror or e}): free some space, or pass "
-                 "another folder to --export")
+    except (OSError, SafetensorError) as e:  # a folder that cannot be created, a full disk (safetensors' own error
+        # when it is the weights that do not fit): no half model is left, whose config.json would load without weights
+        shutil.rmtree(args.export, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e).partition("\n")[0][:100]
+        sys.exit(f"error: could not write the model to {args.export} ({reason}): free some space, or pass another "
+                 "folder to --export")
     print(f"wrote the policy of {args.ckpt} ({lm.name} with its adapter merged) to {args.export}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.export!r})")
 

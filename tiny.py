@@ -112,8 +112,9 @@ def build(cache_dir=None, steps=600, seed=0):
 
 
 def cache_error(cache_dir, e):
-    return OSError(f"could not write the tiny model into {cache_dir} ({e.strerror or e}): set ETPO_CACHE to a folder "
-                   "you can write to")
+    reason = getattr(e, "strerror", None) or str(e).partition("\n")[0][:100]  # (safetensors' errors have no strerror)
+    return OSError(f"could not write the tiny model into {cache_dir} ({reason}): free some space, or set ETPO_CACHE to "
+                   "a folder you can write to")
 
 
 @contextlib.contextmanager
@@ -191,6 +192,8 @@ def save_whole(hf, tok, path, cache_dir, info):
     """Save the model, its tokenizer and the `done` marker (info) into `path`: written whole into a folder of this
     process, then renamed. Where the folder cannot be locked (one_builder), runs started together each build the
     model, and none may load a folder that another is still writing."""
+    from safetensors import SafetensorError
+
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)
@@ -209,6 +212,6 @@ def save_whole(hf, tok, path, cache_dir, info):
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.exists(os.path.join(path, "done")):
                 raise
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a full disk under the weights is safetensors' own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise cache_error(cache_dir, e) from None

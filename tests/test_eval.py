@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 
@@ -387,3 +388,13 @@ def test_export_writes_the_policy_as_a_plain_hugging_face_model(ckpt, tmp_path):
         with pytest.raises(SystemExit) as stop:
             evaluation.export(evaluation.parser.parse_args([*flags, "--export", str(out)]))
         assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
+    # a disk that fills up under the weights (played by a limit on the size of any file written): one sentence, and
+    # no half model left (its config.json loaded, without weights); safetensors' own error was a traceback
+    full = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # noqa: E731
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--export", str(tmp_path / "full")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, preexec_fn=full)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # (safetensors words the reason its own way)
+    assert last.startswith(f"error: could not write the model to {tmp_path / 'full'} (") and "File too large" in last
+    assert last.endswith("): free some space, or pass another folder to --export")
+    assert not (tmp_path / "full").exists()

@@ -597,8 +597,21 @@ def test_the_tiny_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
                                       "delete that folder, and the next run builds it again"):
         tiny.build(cache_dir=str(tmp_path / "cache"), steps=2)
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(OSError, match="could not write the tiny model into .*a-file.*: set ETPO_CACHE to a folder"):
+    with pytest.raises(OSError, match="could not write the tiny model into .*a-file.*: free some space, or set "
+                                      "ETPO_CACHE to a folder"):
         tiny.build(cache_dir=str(tmp_path / "a-file" / "cache"), steps=2)
+    # a disk that fills up under the weights: safetensors raises its own error, not an OSError (a traceback, and a
+    # half-written folder left in the cache)
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full_disk)
+    with pytest.raises(OSError, match=r"^could not write the tiny model into .*full \(Error while serializing: I/O "
+                                      r"error: No space left on device \(os error 28\)\): free some space, or set"):
+        tiny.build(cache_dir=str(tmp_path / "full"), steps=2)
+    assert os.listdir(tmp_path / "full") == []  # no folder of a build cut short
 
 
 def test_runs_started_together_build_the_tiny_model_once(tmp_path):
