@@ -256,7 +256,7 @@ def test_perplexity_of_the_reference_on_its_own_samples():
 
 
 @pytest.mark.slow
-def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path, full_temporary_folder):
+def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_path, full_temporary_folder, monkeypatch):
     r = run("eval.py", "--model", "tiny", "--datasets", "iris", "--seeds", "1", "--steps", "4", "--n-envs", "4",
             "--max-new-tokens", "48", "--out", str(tmp_path / "e"))
     assert r.returncode == 0 and "| iris | " in r.stdout, r.stderr[-2000:]
@@ -305,6 +305,11 @@ def test_untrained_model_without_checkpoint_bad_checkpoint_and_bad_value(tmp_pat
         with pytest.raises(SystemExit) as stop:
             evaluation.check_arguments(evaluation.parser.parse_args(["--model", "tiny", *flags]))
         assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
+    # main() checks them first: before the output folder is made, and before any model loads or evaluation runs
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--credit", "--out", str(tmp_path / "e4")])
+    with pytest.raises(SystemExit, match="^error: --credit needs an ETPO checkpoint"):
+        evaluation.main()
+    assert not (tmp_path / "e4").exists()
     with pytest.raises(SystemExit, match="codellama-7b-arch has random weights and no tokenizer"):  # bench.py's
         evaluation.load_policy(evaluation.parser.parse_args(["--model", "codellama-7b-arch"]))
 
