@@ -26,6 +26,7 @@ import argparse
 import atexit
 import csv
 import html
+import io
 import json
 import math
 import os
@@ -215,7 +216,7 @@ def credit_view(lm, dataset, beta, args):
 
 
 def render_credit(rows, path):
-    """The credit view as a table on the terminal and as an HTML file (green: Q > V, red: Q < V)."""
+    """Print the credit view as a table, and write it to path as an HTML file (green: Q > V, red: Q < V)."""
     lines = [f"{'token':>16} {'Q':>8} {'V':>8} {'Q - V':>8} {'KL':>8}"]
     lines += [f"{tok!r:>16} {q:8.4f} {v:8.4f} {q - v:+8.4f} {kl:8.4f}" for tok, q, v, kl in rows]
     scale = max([abs(q - v) for _, q, v, _ in rows] + [1e-6])
@@ -225,10 +226,9 @@ def render_credit(rows, path):
         color = f"rgba(0,160,0,{a:.2f})" if q >= v else f"rgba(200,0,0,{a:.2f})"
         title = f"Q={q:.4f} V={v:.4f} Q-V={q - v:+.4f} KL={kl:.4f}"
         spans.append(f'<span style="background:{color}" title="{title}">{html.escape(tok)}</span>')
-    with open(path, "w") as f:
-        f.write("<html><body><p>Per-token credit: green where Q &gt; V, red where Q &lt; V (hover for values)."
-                f"</p><pre>{''.join(spans)}</pre></body></html>\n")
-    return "\n".join(lines)
+    print("\n".join(lines))
+    write_result(path, "<html><body><p>Per-token credit: green where Q &gt; V, red where Q &lt; V (hover for values)."
+                 f"</p><pre>{''.join(spans)}</pre></body></html>\n")
 
 
 def read_log(run, name):
@@ -289,13 +289,16 @@ def curve_table(run_dirs):
     return text
 
 
-def learning_curves(run_dirs, path):
-    """curve_table's table and, when matplotlib (optional) is installed, mean reward against environment steps, one line
-    per run, as a PNG."""
+def learning_curves(run_dirs, plot, out):
+    """Print curve_table's table and, when matplotlib (optional) is installed, plot mean reward against environment
+    steps, one line per run, as a PNG at --plot (or OUT/curves.png)."""
+    print(curve_table(run_dirs))
+    path = plot or os.path.join(out, "curves.png")
     try:
         import matplotlib
     except ImportError:
-        return curve_table(run_dirs) + f"\n(no plot at {path}: it needs matplotlib, which the requirements leave out)"
+        print(f"(no plot at {path}: it needs matplotlib, which the requirements leave out)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -306,8 +309,10 @@ def learning_curves(run_dirs, path):
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean reward")
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return curve_table(run_dirs) + f"\nwrote {path}"
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    write_result(path, png.getvalue(), "--plot" if plot else "--out")
+    print(f"wrote {path}")
 
 
 def markdown_table(results, names, methods, key):
@@ -335,16 +340,29 @@ def report(results, methods, titles, out):
     tables = [f"{title}, mean ± std over seeds:\n" + markdown_table(results, names, methods, key)
               for key, title in titles]
     print("\n\n" + "\n\n".join(tables))
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("\n\n".join(tables) + "\n")
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "first_try_reward",
-                         "error_rate_by_step"])
-        for r in results:
-            errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
-            writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"],
-                             r["first_try"], errors])
+    write_result(os.path.join(out, "table.md"), "\n\n".join(tables) + "\n")
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["dataset", "method", "seed", "best_auc", "heldout_auc", "success_rate", "first_try_reward",
+                     "error_rate_by_step"])
+    for r in results:
+        errors = " ".join(f"{e:.3f}" for e in r["errors_by_step"])
+        writer.writerow([r["dataset"], r["method"], r["seed"], r["best"], r["heldout"], r["success"], r["first_try"],
+                         errors])
+    write_result(os.path.join(out, "results.csv"), rows.getvalue())
+
+
+def write_result(path, data, flag="--out"):
+    """Write one of the evaluation's files (text or bytes) whole, after what it holds was printed: a full disk ends
+    the evaluation in one sentence and leaves no half-written file. flag: the one that names the path."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    except OSError as e:
+        if os.path.isfile(path):
+            os.remove(path)
+        sys.exit(f"error: could not write {path} ({e.strerror or e}), whose results are printed above: free some "
+                 f"space, or pass another {'file' if flag == '--plot' else 'folder'} to {flag}")
 
 
 def check_arguments(args):
@@ -439,7 +457,7 @@ def main():
     if made_out:  # an evaluation that ends before writing (a bad checkpoint, say) leaves no empty folder behind
         atexit.register(lambda: os.path.isdir(args.out) and not os.listdir(args.out) and os.rmdir(args.out))
     if args.curves and not (args.ckpt or args.model or args.runs or args.perplexity or args.credit):
-        print(learning_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+        learning_curves(args.curves.split(","), args.plot, args.out)
         return  # the curves alone: nothing to evaluate
     runs = args.runs.split(",") if args.runs else []
     policies = args.policies or ("trained,reference" if args.ckpt else "" if runs and not args.model else "reference")
@@ -480,9 +498,9 @@ def main():
             print(f"perplexity of {policy} on {args.perplexity}: {perplexity(lm, ADAPTER_OF[policy], text):.4f}")
     if args.credit:
         rows = credit_view(lm, datasets[0], config["beta"], args)
-        print(render_credit(rows, os.path.join(args.out, "credit.html")))
+        render_credit(rows, os.path.join(args.out, "credit.html"))
     if args.curves:
-        print(learning_curves(args.curves.split(","), args.plot or os.path.join(args.out, "curves.png")))
+        learning_curves(args.curves.split(","), args.plot, args.out)
 
 
 if __name__ == "__main__":

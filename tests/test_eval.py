@@ -154,7 +154,7 @@ def test_learning_curves_alone(ckpt, tmp_path):
         "import json\n\n\nclass Axes:\n    lines = []\n\n    def plot(self, x, y, label):\n"
         "        self.lines.append([label, list(x), list(y)])\n\n    def __getattr__(self, name):  # labels, legend\n"
         "        return lambda *args, **kwargs: None\n\n\nclass Figure:\n"
-        "    def savefig(self, path, **kwargs):\n        open(path, 'w').write(json.dumps(Axes.lines))\n\n\n"
+        "    def savefig(self, png, **kwargs):\n        png.write(json.dumps(Axes.lines).encode())\n\n\n"
         "def subplots(**kwargs):\n    return Figure(), Axes()\n")
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT])}
     r = subprocess.run([sys.executable, "eval.py", "--curves", run_dir, "--plot", str(tmp_path / "c.png"), "--out",
@@ -328,6 +328,46 @@ def test_a_folder_that_is_not_a_finished_run_ends_with_one_sentence(tmp_path):
         with pytest.raises(SystemExit) as stop:
             evaluation.training_run(str(tmp_path / run), None, None)
         assert stop.value.code == f"error: {tmp_path / run} {sentence}"
+
+
+def test_a_full_disk_ends_with_one_sentence_after_the_results_are_printed(tmp_path, capsys, monkeypatch):
+    # an evaluation's files are written after what they hold is printed; a full disk (played by /dev/full, where
+    # every write fails with ENOSPC) ends it in one sentence, where it was a traceback
+    import eval as evaluation
+
+    results = [{"dataset": "iris", "method": "reference", "seed": 0, "best": 0.9, "heldout": 0.8, "success": 0.5,
+                "first_try": 0.1, "errors_by_step": [0.5, 0.25]}]
+    for name in ("table.md", "results.csv"):
+        out = tmp_path / name.partition(".")[0]
+        out.mkdir()
+        (out / name).symlink_to("/dev/full")
+        with pytest.raises(SystemExit) as stop:
+            evaluation.report(results, ["reference"], [("best", "best ROC AUC")], str(out))
+        assert stop.value.code == (f"error: could not write {out / name} (No space left on device), whose results "
+                                   "are printed above: free some space, or pass another folder to --out")
+        assert "| iris | 0.9000 |" in capsys.readouterr().out
+    assert (tmp_path / "results" / "table.md").read_text().splitlines()[-2:] == ["| iris | 0.9000 |",
+                                                                                 "| average | 0.9000 |"]
+    (tmp_path / "credit.html").symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as stop:
+        evaluation.render_credit([("model", 0.5, 0.25, 0.125)], str(tmp_path / "credit.html"))
+    assert "could not write" in stop.value.code and "'model'   0.5000   0.2500  +0.2500   0.1250" in \
+        capsys.readouterr().out
+    # a disk that fills up half-way through a file: no half file is left, which would read as a whole one
+    real_open = open
+
+    def half_then_full(path, mode):
+        f = real_open(path, mode)
+        f.write(b"dataset,method")
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation, "open", half_then_full, raising=False)
+    out = tmp_path / "half"
+    out.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        evaluation.report(results, ["reference"], [("best", "best ROC AUC")], str(out))
+    assert "No space left on device" in stop.value.code and os.listdir(out) == []
 
 
 def test_a_ctrl_c_mid_way_keeps_the_runs_finished_in_the_tables(tmp_path):
