@@ -434,12 +434,46 @@ def test_a_cuda_graph_that_fails_ends_with_advice(tmp_path):
                                                  "without --cuda-graph")
 
 
-def test_a_sandbox_that_cannot_start_ends_with_one_sentence(tmp_path, full_temporary_folder):
-    r = train_patched(tmp_path, full_temporary_folder)  # no program ran, so no program may score -1 for it
+SANDBOX_DIES_MID_RUN = """import errno
+import os
+import signal
+import tempfile
+import execution
+
+mkdtemp, run, batches = tempfile.mkdtemp, execution.Sandbox.run, []
+
+
+def full_after_two(suffix=None, prefix=None, dir=None):  # the temporary folder's disk is full after two batches
+    if prefix == "etpo-sandbox-" and len(batches) >= 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return mkdtemp(suffix, prefix, dir)
+
+
+def dies_after_two(self, *args, **kwargs):  # and the server is killed (by the kernel's OOM killer, say) after the
+    results = run(self, *args, **kwargs)  # second: the next batch starts a new one
+    batches.append(1)
+    if len(batches) == 2:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+    return results
+
+
+tempfile.mkdtemp, execution.Sandbox.run = full_after_two, dies_after_two
+"""
+
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_a_sandbox_that_cannot_start_ends_with_one_sentence(at, tmp_path, full_temporary_folder):
+    # at 0: the first start fails; at 2: the server dies after two iterations, each saved, and cannot start again.
+    # No program ran, so no program may score -1 for it: the run ends, and says how to continue when it can
+    r = train_patched(tmp_path, SANDBOX_DIES_MID_RUN if at else full_temporary_folder, "--steps", "16",
+                      "--save-every", "1")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last, out = r.stderr.strip().splitlines()[-1], str(tmp_path / "run")
     assert last.startswith("error: the sandbox could not start (No space left on device): free some space in "), last
-    assert metrics(str(tmp_path / "run")) == []  # no iteration was logged
+    assert last.endswith(f"; then continue with --resume --out {out}" if at else "that has some"), last
+    assert [m["it"] for m in metrics(out)] == list(range(at))  # the iterations before it were logged, and saved
+    assert not at or torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["it"] == at
 
 
 # README, "Fork it": an environment needs only these members to drive train.py's loop, checkpoints included
