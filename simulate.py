@@ -2,7 +2,7 @@
 ETPO's update and rollout on CodeLlama-7B, counted on any CPU: the GPU memory they would hold, the kernels they
 would launch, the bytes those move and the FLOPs of their matmuls. No GPU and no download: fake tensors
 (torch's FakeTensorMode) have shapes, dtypes and devices but no data, so a 7B update runs on a laptop's CPU (the
-whole table takes 10 to 16 minutes on 2 cores, most of it finding the largest batch four times).
+whole table takes about 12 minutes on 2 cores, most of it finding the largest batch four times).
 
 Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
 arXiv 2402.06700; ../shared/ETPO.md section 6, steps 3-6. The update simulated here is update() below, the same one
@@ -232,27 +232,49 @@ def random_lm(config, fused_norm=True):
     return model.AdapterLM(model.build_random(config, "cpu"), None, name=config.model_type, fused_norm=fused_norm)
 
 
-def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True, micro_batch=0):
-    """(bytes held before an update, bytes at its peak) for the update of B rows (P prompt and T action tokens) on a
-    model of this architecture with random bf16 weights, measured in the second of two updates (the first creates
-    the AdamW state). fake=False runs the same on real tensors, to check the simulation; shared: one prompt for all
-    rows, as in update(); fused_norm: as in model.AdapterLM."""
-    try:
-        with FakeTensorMode() if fake else contextlib.nullcontext(), Allocations() as memory:
-            lm = random_lm(config, fused_norm)
+class Simulation:
+    """A model of this architecture with random bf16 weights, its adapters and AdamW, for the update of any number of
+    rows B with P prompt and T action tokens: peaks(B) gives (bytes held before the update, bytes at its peak). A
+    first update, of one row, creates the AdamW state; each later one starts from what an update leaves (adapters,
+    AdamW state, gradients, the adapters' bf16 copies), none of which depends on B, so one Simulation measures
+    every B as a new one would, at one update each (on CodeLlama-7B 12 to 20 s on 2 CPU cores). fake=False runs the
+    same on real tensors, to check the simulation; shared: one prompt for all rows, as in update(); fused_norm: as in
+    model.AdapterLM; micro_batch: as in update()."""
+
+    def __init__(self, config, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True, micro_batch=0):
+        self.mode, self.memory = FakeTensorMode() if fake else contextlib.nullcontext(), Allocations()
+        self.P, self.T, self.shared, self.micro_batch = P, T, shared, micro_batch
+        with fake_values_checked(), self.mode, self.memory:
+            self.lm = random_lm(config, fused_norm)
             if checkpointing:
-                model.checkpoint_activations(lm.hf)
-            optimizers = adamw(lm)
-            update(lm, optimizers, B, P, T, shared, micro_batch)
-            memory.peak = before = memory.live
-            update(lm, optimizers, B, P, T, shared, micro_batch)
-            return before, memory.peak
-    except DataDependentOutputException:  # e.g. transformers 4.x inspects the attention mask's values
+                model.checkpoint_activations(self.lm.hf)
+            self.optimizers = adamw(self.lm)
+            update(self.lm, self.optimizers, 1, P, T, shared, micro_batch)
+
+    def peaks(self, B):
+        with fake_values_checked(), self.mode, self.memory:
+            self.memory.peak = before = self.memory.live
+            update(self.lm, self.optimizers, B, self.P, self.T, self.shared, self.micro_batch)
+        return before, self.memory.peak
+
+
+@contextlib.contextmanager
+def fake_values_checked():
+    """A forward that reads a tensor's values (e.g. transformers 4.x inspects the attention mask's) ends in one
+    sentence: fake tensors have none."""
+    try:
+        yield
+    except DataDependentOutputException:
         import transformers
 
         raise RuntimeError(f"transformers {transformers.__version__} reads tensor values in this model's forward, "
                            "which fake tensors do not have: the simulation needs a newer transformers (5.17 and "
                            "later run it)") from None
+
+
+def simulate(config, B, P, T, checkpointing=False, fake=True, shared=False, fused_norm=True, micro_batch=0):
+    """(bytes held before an update, bytes at its peak) for the update of B rows: Simulation(...).peaks(B)."""
+    return Simulation(config, P, T, checkpointing, fake, shared, fused_norm, micro_batch).peaks(B)
 
 
 def case(shared, checkpointing, micro_batch=0):  # the label of a simulated update in the table
@@ -357,14 +379,10 @@ def batch_sizes(text):
     return values
 
 
-def print_by_module(config, name, B, P, T, fused_norm=True):
+def print_by_module(simulation, name, B, P, T):
     """--by-module: where the bytes of one update go, by the modules whose forwards move them, and the backward."""
-    with FakeTensorMode():
-        lm = random_lm(config, fused_norm)
-        optimizers = adamw(lm)
-        update(lm, optimizers, B, P, T)  # creates the AdamW state
-        with OperatorsByModule(lm) as ops:
-            update(lm, optimizers, B, P, T)
+    with simulation.mode, OperatorsByModule(simulation.lm) as ops:  # (a Simulation has made the AdamW state)
+        update(simulation.lm, simulation.optimizers, B, P, T)
     print(f"| {name}, one update B={B} P={P} T={T}, by module | kernels | GB moved | share of the bytes | "
           "largest operators (GB) |\n|---|---|---|---|---|")
     for where, (kernels, moved) in sorted(ops.by_module.items(), key=lambda item: -item[1][1]):
@@ -411,25 +429,28 @@ def main():
     name, fused_norm = args.model, not args.transformers_norm
     B, P, T, budget, gib = args.batch, args.prompt_len, args.action_len, args.gpu_gib * 2**30, 2**30
     config = load_config(name)
-    try:
-        simulate(config, 1, P, T, fused_norm=fused_norm)
+    try:  # (a forward that needs tensor values fails here, at once)
+        simulations = {(False, False): Simulation(config, P, T, fused_norm=fused_norm)}
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
     if args.by_module:
-        return print_by_module(config, name, B, P, T, fused_norm)
+        return print_by_module(simulations[False, False], name, B, P, T)
     print(f"| {name}, P={P} T={T}, simulated{', transformers RMSNorm' if args.transformers_norm else ''} | peak of "
           "the update | held before it (weights, adapters, AdamW state, gradients) | per row of B |\n|---|---|---|---|")
     largest = []
     for shared, checkpointing in [(False, False), (False, True), (True, False), (True, True)]:
         label = case(shared, checkpointing)
-        run = functools.cache(lambda n: simulate(config, n, P, T, checkpointing, shared=shared, fused_norm=fused_norm))
+        if (shared, checkpointing) not in simulations:
+            simulations[shared, checkpointing] = Simulation(config, P, T, checkpointing, shared=shared,
+                                                            fused_norm=fused_norm)
+        run = functools.cache(simulations[shared, checkpointing].peaks)
         peak_at = lambda n: run(n)[1]  # noqa: E731  B -> peak bytes
         print(f"| update B={B}, {label} | {peak_at(B) / gib:.3g} GiB | {run(B)[0] / gib:.3g} GiB | "
               f"{(peak_at(2 * B) - peak_at(B)) / B / gib:.3g} GiB |")
         n = largest_batch(peak_at, B, budget)
         fits = f"{peak_at(n) / gib:.3g} GiB" if n > 0 else "none fits"
         largest.append(f"B = {n} ({label}, {fits}; B = {n + 1} needs {peak_at(n + 1) / gib:.3g} GiB)")
-    run = functools.cache(lambda n: simulate(config, n, P, T, micro_batch=1, fused_norm=fused_norm))  # train.py's
+    run = functools.cache(Simulation(config, P, T, micro_batch=1, fused_norm=fused_norm).peaks)  # train.py's
     print(f"| update B={B}, {case(False, False, 1)} | {run(B)[1] / gib:.3g} GiB | {run(B)[0] / gib:.3g} GiB | "  # last
           f"{(run(2 * B)[1] - run(B)[1]) / B / gib:.3g} GiB |")  # step before checkpointing: one row at a time
     print(f"| largest B within {args.gpu_gib:g} GiB | " + "; ".join(largest[:2]) + " | " + "; ".join(largest[2:])
@@ -444,14 +465,12 @@ def main():
               f"{moved / 1e9:.4g} GB moved: weights {weights / 1e9:.4g} GB, KV cache {cache / 1e9:.4g} GB | at most "
               f"{weights / moved:.0%} of the decode roofline (weights / bytes moved) |")
     for shared in (False, True):  # and the kernels one update launches, the bytes they move, its matmul FLOPs
-        with FakeTensorMode():
-            lm = random_lm(config, fused_norm)
-            optimizers = adamw(lm)
-            update(lm, optimizers, B, P, T, shared)  # creates the AdamW state
+        simulation = simulations[shared, False]  # (its AdamW state made)
+        with simulation.mode:
             with Operators() as ops:
-                update(lm, optimizers, B, P, T, shared)
+                update(simulation.lm, simulation.optimizers, B, P, T, shared)
             with FlopCounterMode(display=False) as counter:  # apart: it changes which operators run inside it
-                update(lm, optimizers, B, P, T, shared)
+                update(simulation.lm, simulation.optimizers, B, P, T, shared)
         print(f"| operators of one update B={B}{', one shared prompt' if shared else ''} | {ops.kernels:,} kernels | "
               f"{ops.bytes / 1e9:,.4g} GB moved | {counted_flops(counter)[0]:.4g} FLOP in matmuls |")
     if name == "tiny":  # the check: the same update on real tensors holds exactly the bytes simulated
