@@ -26,8 +26,9 @@ SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteratio
 every process in it). It does NOT protect against deliberate escapes: native code (ctypes, and multiprocessing's spawn
 and forkserver start methods, which start their processes from C) bypasses the audit hook, a process that calls setsid
 leaves the process group, reading files and using the network are allowed, and the reward is computed in the program's
-own process, so code that patches scikit-learn or reads its caller's frames (which hold the validation labels) could
-forge it. Run untrusted models in a container or VM if that matters to you.
+own process, so code that patches scikit-learn, reads its caller's frames (which hold the validation labels) or writes
+a result of its own into the pipe the score goes back through could forge it (a program that writes a reward of 1.0
+to every open file descriptor and exits scores 1.0). Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
