@@ -311,7 +311,7 @@ def learning_curves(run_dirs, plot, out):
     ax.legend()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
-    write_result(path, png.getvalue(), "--plot" if plot else "--out")
+    write_result(path, png.getvalue(), "pass another file to --plot" if plot else "pass another folder to --out")
     print(f"wrote {path}")
 
 
@@ -352,9 +352,9 @@ def report(results, methods, titles, out):
     write_result(os.path.join(out, "results.csv"), rows.getvalue())
 
 
-def write_result(path, data, flag="--out"):
+def write_result(path, data, elsewhere="pass another folder to --out"):
     """Write one of the evaluation's files (text or bytes) whole, after what it holds was printed: a full disk ends
-    the evaluation in one sentence and leaves no half-written file. flag: the one that names the path."""
+    the evaluation in one sentence and leaves no half-written file. elsewhere: how to name another path."""
     try:
         with open(path, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -362,7 +362,7 @@ def write_result(path, data, flag="--out"):
         if os.path.isfile(path):
             os.remove(path)
         sys.exit(f"error: could not write {path} ({e.strerror or e}), whose results are printed above: free some "
-                 f"space, or pass another {'file' if flag == '--plot' else 'folder'} to {flag}")
+                 f"space, or {elsewhere}")
 
 
 def check_arguments(args):
