@@ -80,41 +80,24 @@ RULES = _rules()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The server's side: it runs in the server process and its forked children
+# The programs' side: one process per program and split, forked by the runner, which never held a label
 
 
-def _score(source, data, heldout):
-    """ROC AUC of build_model, mean over 5 random 50/50 splits (seed i), or on the held-out rows."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import train_test_split
-
-    X, y, X_test, y_test = data
-    n_classes = int(max(y.max(), y_test.max())) + 1
+def _predict(source, x_train, y_train, x_valid, n_classes):
+    """The program's class probabilities for one split's validation rows, from build_model on its training rows."""
     namespace = {"__name__": "generated"}
     exec(compile(source, "<generated>", "exec"), namespace)
     if not callable(namespace.get("build_model")):
         raise NameError("the code does not define build_model(x_train, y_train)")
-    if heldout:
-        splits = [(X, X_test, y, y_test)]
-    else:
-        stratify = y if np.bincount(y).min() >= 2 else None
-        splits = [train_test_split(X, y, test_size=0.5, random_state=i, stratify=stratify) for i in range(5)]
-    aucs = []
-    for x_tr, x_va, y_tr, y_va in splits:
-        model = namespace["build_model"](x_tr.copy(), y_tr.copy())
-        if model is None:
-            raise ValueError("build_model returned None; end the body with `return model`")
-        if not hasattr(model, "predict_proba"):
-            raise AttributeError(f"{type(model).__name__} has no predict_proba; use a classifier that has it")
-        proba = np.asarray(model.predict_proba(x_va), dtype=float)
-        if proba.shape != (len(x_va), n_classes):
-            raise ValueError(f"predict_proba returned shape {proba.shape}, expected ({len(x_va)}, {n_classes})")
-        if n_classes == 2:
-            aucs.append(roc_auc_score(y_va, proba[:, 1]))  # binary: probability of the positive class
-        else:  # multi-class: one-vs-one macro AUC
-            proba = proba / proba.sum(1, keepdims=True)
-            aucs.append(roc_auc_score(y_va, proba, multi_class="ovo", average="macro", labels=list(range(n_classes))))
-    return float(np.mean(aucs))
+    model = namespace["build_model"](x_train, y_train)
+    if model is None:
+        raise ValueError("build_model returned None; end the body with `return model`")
+    if not hasattr(model, "predict_proba"):
+        raise AttributeError(f"{type(model).__name__} has no predict_proba; use a classifier that has it")
+    proba = np.asarray(model.predict_proba(x_valid), dtype=float)
+    if proba.shape != (len(x_valid), n_classes):  # (the server checks it again: it trusts nothing a program sends)
+        raise ValueError(f"predict_proba returned shape {proba.shape}, expected ({len(x_valid)}, {n_classes})")
+    return proba
 
 
 def _error_text(e, source):
@@ -127,51 +110,92 @@ def _error_text(e, source):
     return (where + f"{type(e).__name__}: {message}")[:1000]
 
 
-def _guard(scratch):
-    """An audit hook (PEP 578) that refuses, from Python code: file writes, deletions and renames outside the scratch
-    directory; starting a process (a `pip install` from a program would change the packages of the trainer itself);
-    and a signal to a process outside the program's group (the server, whose death would fail the whole batch)."""
-    allowed = [os.path.realpath(p) for p in (scratch, os.devnull)]
+def _under(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _readable(root):
+    """A test of whether a program may read a path: only the Python installation that runs it (its prefixes, and the
+    module folders on sys.path but the project's own and those that hold the home folder), the system's libraries
+    and settings, its own process's /proc files, and (the server checks first) its working directory. Not: the
+    sandbox's other folders (the splits' files), scikit-learn's copies of its toy datasets (breast_cancer, iris, wine
+    and digits, whose labels a program could look its validation rows up in), a dataset's CSV file or OpenML cache,
+    or another process's memory and open files (/proc/PID/mem and fd/, the server's among them)."""
+    import sklearn
+
+    real = os.path.realpath
+    own = [real(os.path.dirname(os.path.abspath(__file__))), real(os.path.expanduser("~"))]
+    folders = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path)
+               if p and os.path.isdir(p)}
+    allowed = [p for p in folders if not any(_under(a, p) for a in own)]  # not one that holds the project or home
+    allowed += ["/usr", "/lib", "/lib64", "/etc", "/sys", os.devnull, "/dev/zero", "/dev/random", "/dev/urandom"]
+    refused = [real(root), real(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "data"))]
+    def readable(p):  # p: a real path
+        if any(_under(p, folder) for folder in refused):
+            return False
+        parts = p.split(os.sep)  # /proc/PID/...: its own, everything; another's, what `ps` reads
+        if p.startswith("/proc/"):
+            pid = parts[2]
+            return not pid.isdigit() or int(pid) == os.getpid() or (
+                len(parts) == 4 and parts[3] in ("stat", "status", "statm", "cmdline", "comm"))
+        return any(_under(p, folder) for folder in allowed)
+
+    return readable
+
+
+def _guard(scratch, readable):
+    """An audit hook (PEP 578) that refuses, from Python code: reading a file that `readable` refuses; file writes,
+    deletions and renames outside the scratch directory; using the network (an OpenML download of the dataset holds
+    its labels); starting a process (a `pip install` from a program would change the packages of the trainer itself);
+    and a signal to a process outside the program's group (the runner, whose death would fail the whole batch)."""
+    scratch = os.path.realpath(scratch)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "shutil.rmtree", "os.chmod",
                    "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime", "shutil.move", "shutil.copyfile"}
     process_events = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
                       "subprocess.Popen"}  # os.popen, pty.spawn and multiprocessing's pools come through these
+    network_events = {"socket.connect", "socket.getaddrinfo", "socket.sendto", "socket.sendmsg"}
     own = {"os.kill": (0, os.getpid(), -os.getpgid(0)), "os.killpg": (0, os.getpgid(0))}  # pids of its own group
 
-    def outside(path):
-        if path is None or isinstance(path, int):
-            return False
-        p = os.path.realpath(os.fsdecode(path))
-        return not any(p == a or p.startswith(a + os.sep) for a in allowed)
+    def real(path):
+        return None if path is None or isinstance(path, int) else os.path.realpath(os.fsdecode(path))
+
+    def outside(p):
+        return p is not None and p != os.devnull and p != scratch and not p.startswith(scratch + os.sep)
 
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
+            p = real(path)
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-            if writing and outside(path):
+            if writing and outside(p):
                 raise PermissionError(f"writing to {path} is not allowed; write only in the working directory")
-        elif event in path_events and any(outside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            if outside(p) and not readable(p):
+                raise PermissionError(f"reading {path} is not allowed: the code gets its data as x_train and y_train")
+        elif event in path_events and any(outside(real(a)) for a in args[:2] if isinstance(a, (str, bytes,
+                                                                                                   os.PathLike))):
             raise PermissionError(f"{event} outside the working directory is not allowed")
         elif event in process_events:
             raise PermissionError(f"{event} is not allowed: the code may not start another process; fit the model in "
                                   "this one (n_jobs=-1 runs in it)")
+        elif event in network_events:
+            raise PermissionError(f"{event} is not allowed: the code may not use the network")
         elif event in own and args[0] not in own[event]:
             raise PermissionError(f"{event} of another process is not allowed")
 
     return hook
 
 
-def _die_with_server(server_pid):
-    """Kill this program's process group (it and what it started) when the server dies mid-batch: the server alone
+def _die_with_parent(parent):
+    """Kill this program's process group (it and what it started) when the runner dies mid-batch: the runner alone
     kills its programs' groups, and its own death reaches none of them. The kernel sends SIGUSR2 when the parent
-    dies (prctl PR_SET_PDEATHSIG, Linux); elsewhere a program outlives a dead server up to its CPU-time limit."""
+    dies (prctl PR_SET_PDEATHSIG, Linux); elsewhere a program outlives a dead runner up to its CPU-time limit."""
     signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGUSR2)  # 1 = PR_SET_PDEATHSIG
     except AttributeError:  # no prctl: not Linux
         return
-    if os.getppid() != server_pid:  # the server died before the prctl
+    if os.getppid() != parent:  # the runner died before the prctl
         os.killpg(0, signal.SIGKILL)
 
 
@@ -188,17 +212,21 @@ def _limit_memory(memory_mb):
         return False
 
 
-def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
-    """Runs in the forked child: isolate, limit, score, write one JSON line to result_fd, exit."""
-    reward, error = -1.0, None
+def _child(job, split, scratch, result_fd, memory_mb, max_output, readable, runner):
+    """Runs in the forked child: isolate, limit, load one split, predict, write the result to result_fd, exit. The
+    result is one JSON line ({"error": text or null, "shape": [rows, classes]}) and then the probabilities' bytes:
+    nothing the runner or the server unpickles, and nothing that holds a reward (the server computes it)."""
+    proba, error = None, None
     try:
-        os.setsid()  # own session and process group: the server kills the whole group
-        _die_with_server(server_pid)  # and if the server dies, the group kills itself
+        os.setsid()  # own session and process group: the runner kills the whole group
+        _die_with_parent(runner)  # and if the runner dies, the group kills itself
         os.chdir(scratch)
         out = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.closerange(3, result_fd)  # the pipes to the server and to the other programs: none is the program's
+        os.closerange(result_fd + 1, os.sysconf("SC_OPEN_MAX"))
         sys.stdout = open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file limit raises instead of killing
@@ -209,25 +237,37 @@ def _child(job, data, scratch, result_fd, memory_mb, max_output, server_pid):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.environ.update(TMPDIR=scratch, HOME=scratch)
         tempfile.tempdir = scratch
+        with open(split, "rb") as f:
+            x_train, y_train, x_valid, n_classes = pickle.load(f)  # this split's, and no validation label
         random.seed(0)
         np.random.seed(0)  # models without random_state become deterministic, so rewards can be cached
-        sys.addaudithook(_guard(scratch))
-        reward = _score(job["source"], data, job["heldout"])
+        sys.addaudithook(_guard(scratch, readable))
+        proba = _predict(job["source"], x_train, y_train, x_valid, n_classes)
     except BaseException as e:  # SystemExit and KeyboardInterrupt included: the program must not end the child
-        reward, error = -1.0, _error_text(e, job["source"])
-    try:  # (the server may be gone, and the pipe with it)
-        os.write(result_fd, (json.dumps({"reward": reward, "error": error}) + "\n").encode())
+        proba, error = None, _error_text(e, job["source"])
+    try:  # (the runner may be gone, and the pipe with it)
+        head = json.dumps({"error": error, "shape": None if proba is None else list(proba.shape)}) + "\n"
+        data = memoryview(head.encode() + (b"" if proba is None else proba.astype("<f8").tobytes()))
+        while data:
+            data = data[os.write(result_fd, data):]
     finally:
-        os._exit(0)  # whatever happened: a forked child never returns into the server's code
+        os._exit(0)  # whatever happened: a forked child never returns into the runner's code
 
 
-def _finish(status, killed, raw, scratch, job):
-    """(reward, error) from the child's exit status and what it wrote; killed: why the server killed it, or None."""
+def _finish(status, killed, raw, scratch):
+    """(error, probabilities) of one split from the child's exit status and what it wrote; killed: why the runner
+    killed it, or None. A program can write anything into its pipe: at most, probabilities of its own making."""
+    head, _, data = bytes(raw).partition(b"\n")
+    proba = None
     try:
-        result = json.loads(raw.decode().splitlines()[0])
-        reward, error = float(result["reward"]), result["error"]
+        result = json.loads(head)
+        error = result["error"]
+        if error is None:
+            proba = np.frombuffer(data, dtype="<f8").reshape([int(n) for n in result["shape"]])
+        else:
+            error = str(error)[:1000]
     except (ValueError, IndexError, KeyError, TypeError):
-        reward, error = -1.0, None
+        error = None
         if killed:
             error = killed
         elif os.WIFSIGNALED(status):
@@ -236,8 +276,6 @@ def _finish(status, killed, raw, scratch, job):
             error = f"the process was killed by {sig.name}{why}"
         else:
             error = f"the process exited with code {os.WEXITSTATUS(status)} before build_model returned"
-    if error is None and not (reward == reward and abs(reward) != float("inf")):
-        reward, error = -1.0, f"the score is {reward}; predict_proba must return finite probabilities"
     if error is not None:
         try:
             with open(os.path.join(scratch, "output.txt"), "rb") as f:
@@ -247,36 +285,42 @@ def _finish(status, killed, raw, scratch, job):
                 error += "\nOutput (last lines):\n" + tail
         except OSError:
             pass
-    return reward, error
+    return error, proba
 
 
-def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4 << 20):
-    """Fork up to `workers` children at a time; kill each process group at exit, at its timeout, or when its files
-    take more than disk_mb of the disk (the file-size limit caps each file, not their number); never wait on EOF.
-    None if the trainer (pid `trainer`) died meanwhile: the programs still running are killed, not waited for."""
-    pending, running, results = list(enumerate(jobs)), {}, [None] * len(jobs)
-    server_pid, next_disk_check = os.getpid(), 0.0
+def _run_jobs(jobs, workers, memory_mb, disk_mb, server, readable, max_output=4 << 20):
+    """Run each job's splits one after another, each in a child of its own (a program keeps nothing from one split to
+    the next, where the rows it is scored on were training rows), up to `workers` children at a time; stop a job at
+    its first error. Kill each process group at exit, at the job's timeout (its splits' time together), or when its
+    files take more than disk_mb of the disk (the file-size limit caps each file, not their number); never wait on
+    EOF. [(error, [probabilities per split])]; None if the server (pid `server`) died meanwhile: the programs still
+    running are killed, not waited for."""
+    pending, running = [(i, 0) for i in range(len(jobs))], {}
+    started, probas, results = {}, [[] for _ in jobs], [None] * len(jobs)
+    runner, next_disk_check = os.getpid(), 0.0
     while pending or running:
         while pending and len(running) < workers:
-            i, job = pending.pop(0)
+            i, s = pending.pop(0)
+            started.setdefault(i, time.monotonic())
             scratch = tempfile.mkdtemp(prefix="etpo-run-")
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                _child(job, datasets[job["dataset"]], scratch, w, memory_mb, max_output, server_pid)
+                _child(jobs[i], jobs[i]["splits"][s], scratch, w, memory_mb, max_output, readable, runner)
             os.close(w)
             os.set_blocking(r, False)
-            running[pid] = (i, job, r, scratch, time.monotonic(), bytearray())
-        orphaned = os.getppid() != trainer  # the trainer died (killed, say, by the system running out of memory)
+            running[pid] = (i, s, r, scratch, bytearray())
+        orphaned = os.getppid() != server  # the server died (and the trainer, whose death ends it, perhaps)
         check_disk = time.monotonic() >= next_disk_check  # every 0.25 s: a walk of each program's scratch folder
         if check_disk:
             next_disk_check = time.monotonic() + 0.25
-        for pid, (i, job, r, scratch, start, buf) in list(running.items()):
-            _drain(r, buf)
+        for pid, (i, s, r, scratch, buf) in list(running.items()):
+            job = jobs[i]
+            _drain(r, buf, job["result_bytes"])
             done_pid, status = os.waitpid(pid, os.WNOHANG)
             killed = None
-            if not done_pid and time.monotonic() - start > job["timeout"]:
+            if not done_pid and time.monotonic() - started[i] > job["timeout"]:
                 killed = f"TimeoutError: the code ran longer than {job['timeout']} seconds"
             elif not done_pid and check_disk and _disk_use(scratch) > disk_mb << 20:
                 killed = f"OSError: the code wrote more than {disk_mb} MB of files; write less, or nothing"
@@ -289,11 +333,16 @@ def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4
                     pass
             if not done_pid:
                 _, status = os.waitpid(pid, 0)
-            _drain(r, buf)
+            _drain(r, buf, job["result_bytes"])
             os.close(r)
-            results[i] = _finish(status, killed, bytes(buf), scratch, job)
+            error, proba = _finish(status, killed, buf, scratch)
             _remove(scratch)
             del running[pid]
+            probas[i].append(proba)
+            if error is not None or s + 1 == len(job["splits"]):
+                results[i] = (error, probas[i] if error is None else [])
+            else:  # its next split takes the slot at once: its time runs on
+                pending.insert(0, (i, s + 1))
         if orphaned:
             return None
         time.sleep(0.005)
@@ -303,7 +352,7 @@ def _run_jobs(jobs, datasets, workers, memory_mb, disk_mb, trainer, max_output=4
 def _disk_use(folder):
     """Bytes of the disk that the files below folder take: a file's blocks, and at least one block an entry. A list of
     folders to visit, not os.walk, which before Python 3.12 recursed once per level: a program that makes 1,000
-    nested folders (os.mkdir and os.chdir in a loop) would end the server with a RecursionError."""
+    nested folders (os.mkdir and os.chdir in a loop) would end the runner with a RecursionError."""
     total, folders = 0, [folder]
     while folders:
         try:
@@ -320,17 +369,17 @@ def _disk_use(folder):
 
 def _remove(folder):
     """shutil.rmtree(folder), whatever a program left in it: before Python 3.13 rmtree recursed once per level of
-    folders, and a RecursionError in the server or the trainer would end it, so a tree that deep goes to rm -rf."""
+    folders, and a RecursionError in the runner or the trainer would end it, so a tree that deep goes to rm -rf."""
     try:
         shutil.rmtree(folder, ignore_errors=True)
     except RecursionError:
         subprocess.run(["rm", "-rf", folder], check=False)
 
 
-def _drain(fd, buf, limit=1 << 16):
+def _drain(fd, buf, limit):
     while len(buf) < limit:
         try:
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, min(1 << 20, limit - len(buf)))
         except BlockingIOError:
             return
         if not chunk:
@@ -338,10 +387,71 @@ def _drain(fd, buf, limit=1 << 16):
         buf.extend(chunk)
 
 
+def _runner(inp, out, server, readable):
+    """The runner: forked by the server before any dataset arrived, so that it, and every program it forks, has never
+    held a label. It takes batches of jobs from the server and sends back each program's probabilities."""
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and the trainer's pipes are not the runner's
+    os.dup2(2, 1)
+    try:
+        while True:
+            request = _recv(inp)
+            if request is None:  # the server ended
+                return
+            results = _run_jobs(request["jobs"], request["workers"], request["memory_mb"], request["disk_mb"], server,
+                                readable)
+            if results is None:
+                return
+            _send(out, results)
+    except (BrokenPipeError, EOFError):
+        pass
+    finally:
+        os._exit(0)
+
+
+def _splits(data, heldout):
+    """[(x_train, y_train, x_valid, y_valid)]: 5 random 50/50 splits (seed i), or the held-out rows."""
+    from sklearn.model_selection import train_test_split
+
+    X, y, X_test, y_test = data
+    if heldout:
+        return [(X, y, X_test, y_test)]
+    stratify = y if np.bincount(y).min() >= 2 else None
+    return [(x_tr, y_tr, x_va, y_va) for x_tr, x_va, y_tr, y_va in
+            (train_test_split(X, y, test_size=0.5, random_state=i, stratify=stratify) for i in range(5))]
+
+
+def _auc(proba, y_valid, n_classes):
+    """ROC AUC of probabilities that a program sent: binary, of the positive class; multi-class, one-vs-one macro."""
+    from sklearn.metrics import roc_auc_score
+
+    if proba.shape != (len(y_valid), n_classes):
+        raise ValueError(f"predict_proba returned shape {proba.shape}, expected ({len(y_valid)}, {n_classes})")
+    if not np.isfinite(proba).all():
+        raise ValueError("predict_proba returned NaN or infinite values; it must return finite probabilities")
+    if n_classes == 2:
+        return roc_auc_score(y_valid, proba[:, 1])
+    proba = proba / proba.sum(1, keepdims=True)
+    return roc_auc_score(y_valid, proba, multi_class="ovo", average="macro", labels=list(range(n_classes)))
+
+
+def _reward(outcome, splits, n_classes):
+    """(reward, error) of one program: its mean ROC AUC over the splits, computed here, where the labels are."""
+    error, probas = outcome
+    if error is not None:
+        return -1.0, error
+    try:
+        return float(np.mean([_auc(p, y_va, n_classes) for p, (*_, y_va) in zip(probas, splits)])), None
+    except ValueError as e:  # (roc_auc_score's, on probabilities it cannot rank: a row of zeros, say)
+        return -1.0, f"ValueError: {e}"[:1000]
+
+
 def _serve(root):
-    """The server: import scikit-learn once, then answer requests (length-prefixed pickles) from the trainer. When
-    the trainer dies (killed by the system's out-of-memory killer, or by a cluster after its SIGTERM), the server
-    kills its programs, removes the scratch folder `root` and exits, without a traceback in the run's log."""
+    """The server: import scikit-learn once, fork the runner, then answer requests (length-prefixed pickles) from the
+    trainer: it keeps the datasets, writes each split's training rows and validation rows (not their labels) to a
+    file of its own for the runner's programs, and computes each program's reward from the probabilities it sends
+    back. When the trainer dies (killed by the system's out-of-memory killer, or by a cluster after its SIGTERM), the
+    server kills the runner (whose programs then die), removes the scratch folder `root` and exits, without a
+    traceback in the run's log."""
     import sklearn.ensemble, sklearn.linear_model, sklearn.metrics, sklearn.model_selection  # noqa: E401,F401
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
@@ -354,28 +464,67 @@ def _serve(root):
               "does): a program that allocates too much memory can slow the whole machine; the time limits still "
               "hold", file=sys.stderr, flush=True)
     # A cluster that stops a job signals every process in it. The trainer then finishes its iteration and ends this
-    # server itself (its stdin closes, or Sandbox.close kills the group), so the server and the programs it forks
+    # server itself (its stdin closes, or Sandbox.close kills the group), so the server and the processes it forks
     # (they inherit this) ignore the signal: a program cut short would score -1, and that score would be cached.
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
-    datasets, trainer = {}, os.getppid()
+    trainer, server = os.getppid(), os.getpid()
+    (jobs_r, jobs_w), (results_r, results_w) = os.pipe(), os.pipe()
+    runner = os.fork()
+    if runner == 0:
+        os.close(jobs_w)
+        os.close(results_r)
+        _runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), server, _readable(root))
+    os.close(jobs_r)
+    os.close(results_w)
+    to_runner, from_runner = os.fdopen(jobs_w, "wb"), os.fdopen(results_r, "rb")
+    datasets, splits = {}, {}  # key: (X, y, X_test, y_test); (key, heldout): (split files, splits, classes)
     try:
         while True:
             request = _recv(inp)
             if request is None:  # the trainer closed the pipe: it ended, or died between batches
                 return
             datasets.update(request["datasets"])
-            results = _run_jobs(request["jobs"], datasets, request["workers"], request["memory_mb"],
-                                request["disk_mb"], trainer)
-            if results is None:  # it died mid-batch
+            for job in request["jobs"]:
+                where = (job["dataset"], job["heldout"])
+                if where not in splits:
+                    splits[where] = _write_splits(datasets[job["dataset"]], job["heldout"], root)
+                files, parts, n_classes = splits[where]
+                rows = max(len(x_va) for _, _, x_va, _ in parts)
+                job.update(splits=files, result_bytes=4096 + 8 * rows * n_classes)
+            _send(to_runner, {k: request[k] for k in ("jobs", "workers", "memory_mb", "disk_mb")})
+            while not select.select([from_runner], [], [], 0.1)[0]:
+                if os.getppid() != trainer:  # it died mid-batch
+                    return
+            outcomes = _recv(from_runner)
+            if outcomes is None:  # the runner died (a program killed it)
                 return
+            results = []
+            for outcome, job in zip(outcomes, request["jobs"]):
+                _, parts, n_classes = splits[job["dataset"], job["heldout"]]
+                results.append(_reward(outcome, parts, n_classes))
             _send(out, results)
-    except BrokenPipeError:  # it died as the results were sent
+    except (BrokenPipeError, EOFError, pickle.UnpicklingError):  # the trainer or the runner died mid-message
         pass
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(runner, signal.SIGKILL)  # its programs die with it
+        os.waitpid(runner, 0)
         _remove(root)
+
+
+def _write_splits(data, heldout, root):
+    """([a file per split], splits, classes): a split's file holds x_train, y_train and x_valid, and no y_valid."""
+    parts, n_classes = _splits(data, heldout), int(max(data[1].max(), data[3].max())) + 1
+    folder = tempfile.mkdtemp(prefix="splits-", dir=root)
+    files = []
+    for x_tr, y_tr, x_va, _ in parts:
+        files.append(os.path.join(folder, f"{len(files)}.pkl"))
+        with open(files[-1], "wb") as f:
+            pickle.dump((x_tr, y_tr, x_va, n_classes), f)
+    return files, parts, n_classes
 
 
 def _send(f, obj):

@@ -317,6 +317,8 @@ ZOO = {  # name: (body, a phrase the error must contain)
     "fork_pool": ("import multiprocessing\nmultiprocessing.get_context('fork').Pool(2)", "os.fork is not allowed"),
     "kill_the_server": ("import os\nos.kill(os.getppid(), 9)", "os.kill of another process is not allowed"),
     "signal_another_group": ("import os\nos.killpg(1, 0)", "os.killpg of another process is not allowed"),
+    "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "the code may not use the network"),
+    "read_a_toy_dataset": ("from sklearn.datasets import load_iris\nload_iris()", "the code gets its data as x_train"),
 }
 
 
@@ -333,6 +335,81 @@ def test_bad_code_zoo(name, sandbox, iris):
     assert time.monotonic() - start < 20
     assert not escaped and os.path.exists("/etc/hostname")
     assert sandbox.run([GOOD], iris, timeout=3)[0][1] is None  # the pool lives on
+
+
+CHEAT = """import gc, os, sys
+import numpy as np
+
+KNOWN = {}  # a row's bytes: its label, from each (rows, labels) pair of arrays the program finds
+
+
+def learn(container):
+    arrays = [v for v in (container.values() if isinstance(container, dict) else container) if hasattr(v, 'ndim')]
+    for x in arrays:
+        for y in arrays:
+            if x.ndim == 2 and y.ndim == 1 and len(x) == len(y) and y.dtype.kind in 'iu':
+                KNOWN.update(zip(map(bytes, np.ascontiguousarray(x, dtype=float)), y.tolist()))
+
+
+class Lookup:  # a row's label where it was found, else 0.5: an AUC of 0.5 where no validation label was
+    def predict_proba(self, x):
+        p = np.full((len(x), 2), 0.5)
+        for i, row in enumerate(np.ascontiguousarray(x, dtype=float)):
+            p[i] = np.eye(2)[KNOWN[bytes(row)]] if bytes(row) in KNOWN else p[i]
+        return p
+
+
+def build_model(x_train, y_train):
+    try:
+ROUTE
+    except Exception:
+        pass
+    return Lookup()
+"""
+ROUTES = {  # each way a program could look for the labels of the rows it is scored on
+    "callers_frames": "f = sys._getframe(1)\nwhile f:\n    learn(f.f_locals)\n    for v in f.f_locals.values():\n"
+                      "        if isinstance(v, (tuple, list, dict)):\n            learn(v)\n    f = f.f_back",
+    "every_object": "for o in gc.get_objects():\n    if isinstance(o, (tuple, list, dict)):\n        learn(o)",
+    "earlier_splits": "learn((x_train, y_train))",  # 5 random halves: most validation rows were training rows before
+    "toy_dataset_file": "from sklearn.datasets import load_breast_cancer\nb = load_breast_cancer()\n"
+                        "learn((b.data, 1 - b.target))",  # (env.py numbers its classes the other way)
+    "patch_the_mean": "np.mean = lambda *args, **kwargs: 1.0",  # what averaged the splits' AUCs, in the same process
+    "the_runners_pipes": "for fd in os.listdir(f'/proc/{os.getppid()}/fd'):\n    try:\n"
+                         "        open(f'/proc/{os.getppid()}/fd/{fd}', 'w').write('{\"reward\": 1.0}')\n"
+                         "    except OSError:\n        pass",
+    # a result of its own in the pipe the result goes back through, then an exit before its own is written
+    "forged_result": "for fd in range(3, 64):\n    try:\n"
+                     "        os.write(fd, b'{\"reward\": 1.0, \"error\": null}\\n')\n    except OSError:\n"
+                     "        pass\nos._exit(0)",
+}
+
+
+def test_a_program_cannot_find_the_labels_it_is_scored_on_or_forge_its_reward(sandbox):
+    # the reward is computed in the server from the probabilities a program returns; the program runs in a process
+    # forked from one that never held a label, one split at a time, and may read only its folder and the Python
+    # installation. Each route below gave a reward above 0.5 (up to 1.0) when the program's own process scored it
+    data = env.load_dataset("breast_cancer")  # (no row twice: a validation row is found only where its label is)
+    indent = "        "
+    sources = [CHEAT.replace("ROUTE", "\n".join(indent + line for line in ROUTES[name].splitlines()))
+               for name in ROUTES]
+    results = dict(zip(ROUTES, sandbox.run(sources, data, timeout=30)))
+    assert results.pop("forged_result")[0] == -1.0  # ("exited with code 0 before build_model returned")
+    assert results == {name: (0.5, None) for name in results}
+    assert sandbox.run([CHEAT.replace("ROUTE", indent + "learn((x_train, y_train))")], data, heldout=True)[0] == (
+        0.5, None)
+
+
+def test_programs_may_read_the_python_installation_only(tmp_path):
+    import sklearn
+
+    readable = execution._readable(str(tmp_path))
+    assert readable(os.path.realpath(sklearn.__file__)) and readable(os.path.realpath(np.__file__))
+    assert readable("/proc/cpuinfo") and readable(f"/proc/{os.getpid()}/maps") and readable("/proc/1/stat")
+    assert not readable("/proc/1/mem") and not readable("/proc/1/fd/3") and not readable("/proc/1/environ")
+    assert not readable(str(tmp_path / "splits-x" / "0.pkl"))  # the sandbox's folder: the splits' files
+    assert not readable(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "data", "iris.csv"))
+    assert not readable(os.path.join(ROOT, "env.py")) and not readable(os.path.expanduser("~/.cache/openml/x"))
+    assert not readable(os.path.realpath(os.path.join(SHARED, "README.md")))
 
 
 def test_a_program_may_not_leave_files_in_shared_memory(sandbox, iris):
@@ -375,7 +452,7 @@ def test_a_program_that_nests_folders_1500_deep_scores_and_leaves_nothing(iris):
         assert error is None and reward > 0.9, error
         server = sb.proc.pid
         assert sb.run([GOOD], iris, timeout=10)[0][1] is None and sb.proc.pid == server  # the same server goes on
-        assert os.listdir(sb.root) == []  # the 1,500 folders are gone
+        assert [d for d in os.listdir(sb.root) if not d.startswith("splits-")] == []  # the 1,500 folders are gone
     finally:
         sb.close()
 
@@ -488,7 +565,8 @@ sb.run([{sleeper!r}], env.load_dataset("iris"))
         assert time.monotonic() < deadline and p.poll() is None, open(log.name).read()
         time.sleep(0.05)
         with contextlib.suppress(OSError, ValueError):
-            program = [int(open(os.path.join(root, d, "started")).read()) for d in os.listdir(root)]
+            program = [int(open(os.path.join(root, d, "started")).read()) for d in os.listdir(root)
+                       if d.startswith("etpo-run-")]
     p.kill()
     p.wait()
     for _ in range(100):  # within 5 s, where the program would have slept on for 300
