@@ -1,5 +1,5 @@
 """
-Run untrusted code: each program in its own process, with limits, and its ROC AUC as the reward.
+Run untrusted code: each program in processes of its own, with limits; its ROC AUC is the reward.
 
 Paper: Wen et al., "Entropy-Regularized Token-Level Policy Optimization for Language Agent Reinforcement",
 arXiv 2402.06700, section 5.1; ../shared/ETPO.md section 1. env.py defines the MDP; this file runs its actions.
@@ -7,34 +7,46 @@ A program defines `build_model(x_train, y_train)`; its reward is the mean ROC AU
 (seed i for split i; binary: probability of the positive class; multi-class: one-vs-one macro), or -1 and the
 error, as a model can use it, when it fails.
 
-Generated code is untrusted. Each program runs in its own process, forked from a server process that has scikit-learn
-imported already (a fork costs ~0.1 s where a fresh interpreter costs ~0.8 s; the trainer itself is never forked, since
-torch and OpenMP state do not survive fork). Each program gets: a new session and process group (killed as a whole when
-it ends or times out, children included, and when the server dies: Linux's PR_SET_PDEATHSIG), a wall-clock timeout, a
-CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it, and the server says so
-when it starts), a 4 MB limit on each file it writes and 256 MB on all of them (the server measures its scratch folder
-every 0.25 s), a scratch working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr captured to
-a file and truncated, one BLAS/OpenMP thread and no joblib worker process (`n_jobs=-1`, or an explicit `n_jobs=4`, runs
-in the program's own process, one task after another), fixed random seeds and string hashes (so a set prints in the same
-order in every run: scikit-learn's errors print sets, and an error becomes the next prompt), and a Python audit hook
-that refuses to open, create, delete or rename files outside the scratch directory and /dev/null (/dev/shm too, whose
-files would outlive the program in the machine's memory), to start another process (a program's `pip install` would
-change the trainer's own packages) and to signal a process outside the program's group (the server: its death would fail
-the whole batch). The trainer talks to the server through a pipe with a deadline and restarts it if it dies; a server
-whose trainer dies kills its programs, removes their folders and exits at once. The server and its programs ignore
-SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
-every process in it). It does NOT protect against deliberate escapes: native code (ctypes, and multiprocessing's spawn
-and forkserver start methods, which start their processes from C) bypasses the audit hook, a process that calls setsid
-leaves the process group, reading files and using the network are allowed, and the reward is computed in the program's
-own process, so code that patches scikit-learn, reads its caller's frames (which hold the validation labels) or writes
-a result of its own into the pipe the score goes back through could forge it (a program that writes a reward of 1.0
-to every open file descriptor and exits scores 1.0). Run untrusted models in a container or VM if that matters to you.
+Generated code is untrusted, and the reward is what training maximizes, so no program may be able to raise its own.
+Three processes share the work. The server (started by the trainer: torch and OpenMP state do not survive a fork of
+the trainer) imports scikit-learn, forks the runner, then keeps the datasets: for each split it writes a file with
+x_train, y_train and x_valid, and keeps y_valid. The runner, forked before any dataset arrived, never holds a label;
+it forks a process per program and split (which starts, fits a small model and exits in ~25 ms: scikit-learn is
+imported already, where a fresh interpreter takes ~0.8 s to start), which reads its split from a pipe the server
+writes, runs build_model and predict_proba, and writes the probabilities back. The server checks them and computes
+the AUC. So a program cannot see a label of a row it is scored on (not in its caller's
+frames, not among its objects, not from an earlier split, in which its validation rows were training rows: each split
+starts afresh), and what it writes into its pipe is at most probabilities of its own making.
+
+Each program process gets: a new session and process group (killed as a whole when it ends or times out, children
+included, and when the runner dies: Linux's PR_SET_PDEATHSIG), a wall-clock timeout (for its splits together), a
+CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it, and the server says
+so when it starts), a 4 MB limit on each file it writes and 256 MB on all of them (the runner measures its scratch
+folder every 0.25 s), a scratch working directory (also TMPDIR and HOME) that is deleted afterwards, stdout/stderr
+captured to a file and truncated, no open file but those, one BLAS/OpenMP thread and no joblib worker process
+(`n_jobs=-1`, or an explicit `n_jobs=4`, runs in the program's own process, one task after another), fixed random seeds
+and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets, and an error
+becomes the next prompt), and a Python audit hook that refuses: files written, created, deleted or renamed outside
+the scratch directory and /dev/null (/dev/shm too, whose files would outlive the program in the machine's memory);
+files read outside the Python installation and the system's libraries (a dataset's CSV file or OpenML cache, and
+scikit-learn's own copies of its toy datasets, hold the labels; see _readable); another process's memory and open
+files (/proc/PID/mem and fd/); the network (OpenML serves every dataset); starting another process (a program's
+`pip install` would change the trainer's own packages); and signalling a process outside the program's group (the
+runner: its death would fail the whole batch). The trainer talks to the server through a pipe with a deadline and
+restarts it if it dies (or the runner does); a server whose trainer dies kills the runner, whose programs then die,
+removes their folders and exits at once. All three and the programs ignore SIGTERM, SIGINT and SIGUSR1, which the
+trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). It does NOT
+protect against deliberate escapes in native code: ctypes (and multiprocessing's spawn and forkserver start methods,
+which start their processes from C) bypasses the audit hook, and could read the server's memory where the system lets
+a process read another's of the same user (/proc/sys/kernel/yama/ptrace_scope 0), or leave the process group with
+setsid. Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
 
 import contextlib
 import ctypes
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -44,6 +56,7 @@ import random
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -118,7 +131,7 @@ def _readable(root):
     """A test of whether a program may read a path: only the Python installation that runs it (its prefixes, and the
     module folders on sys.path but the project's own and those that hold the home folder), the system's libraries
     and settings, its own process's /proc files, and (the server checks first) its working directory. Not: the
-    sandbox's other folders (the splits' files), scikit-learn's copies of its toy datasets (breast_cancer, iris, wine
+    sandbox's other folders (other programs'), scikit-learn's copies of its toy datasets (breast_cancer, iris, wine
     and digits, whose labels a program could look its validation rows up in), a dataset's CSV file or OpenML cache,
     or another process's memory and open files (/proc/PID/mem and fd/, the server's among them)."""
     import sklearn
@@ -212,10 +225,10 @@ def _limit_memory(memory_mb):
         return False
 
 
-def _child(job, split, scratch, result_fd, memory_mb, max_output, readable, runner):
-    """Runs in the forked child: isolate, limit, load one split, predict, write the result to result_fd, exit. The
-    result is one JSON line ({"error": text or null, "shape": [rows, classes]}) and then the probabilities' bytes:
-    nothing the runner or the server unpickles, and nothing that holds a reward (the server computes it)."""
+def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, readable, runner):
+    """Runs in the forked child: isolate, limit, read one split (which the server writes into split_fd), predict, write
+    the result to result_fd, exit. The result is one JSON line ({"error": text or null, "shape": [rows, classes]})
+    and then the probabilities' bytes: nothing the runner or the server unpickles, and no reward (the server's)."""
     proba, error = None, None
     try:
         os.setsid()  # own session and process group: the runner kills the whole group
@@ -225,6 +238,8 @@ def _child(job, split, scratch, result_fd, memory_mb, max_output, readable, runn
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        with open(split_fd, "rb") as f:
+            x_train, y_train, x_valid, n_classes = pickle.load(f)  # this split's, and no validation label
         os.closerange(3, result_fd)  # the pipes to the server and to the other programs: none is the program's
         os.closerange(result_fd + 1, os.sysconf("SC_OPEN_MAX"))
         sys.stdout = open(1, "w", closefd=False)
@@ -237,8 +252,6 @@ def _child(job, split, scratch, result_fd, memory_mb, max_output, readable, runn
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.environ.update(TMPDIR=scratch, HOME=scratch)
         tempfile.tempdir = scratch
-        with open(split, "rb") as f:
-            x_train, y_train, x_valid, n_classes = pickle.load(f)  # this split's, and no validation label
         random.seed(0)
         np.random.seed(0)  # models without random_state become deterministic, so rewards can be cached
         sys.addaudithook(_guard(scratch, readable))
@@ -288,36 +301,43 @@ def _finish(status, killed, raw, scratch):
     return error, proba
 
 
-def _run_jobs(jobs, workers, memory_mb, disk_mb, server, readable, max_output=4 << 20):
+def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_output=4 << 20):
     """Run each job's splits one after another, each in a child of its own (a program keeps nothing from one split to
     the next, where the rows it is scored on were training rows), up to `workers` children at a time; stop a job at
     its first error. Kill each process group at exit, at the job's timeout (its splits' time together), or when its
     files take more than disk_mb of the disk (the file-size limit caps each file, not their number); never wait on
-    EOF. [(error, [probabilities per split])]; None if the server (pid `server`) died meanwhile: the programs still
-    running are killed, not waited for."""
+    EOF. A child reads its split from a pipe whose other end goes to the server through the socket `ask`: the runner
+    never reads one. [(error, [probabilities per split])]; None if the server (pid `server`) died meanwhile: the
+    programs still running are killed, not waited for."""
     pending, running = [(i, 0) for i in range(len(jobs))], {}
-    started, probas, results = {}, [[] for _ in jobs], [None] * len(jobs)
+    started, probas, results, listening = {}, [[] for _ in jobs], [None] * len(jobs), set()
     runner, next_disk_check = os.getpid(), 0.0
     while pending or running:
         while pending and len(running) < workers:
             i, s = pending.pop(0)
             started.setdefault(i, time.monotonic())
             scratch = tempfile.mkdtemp(prefix="etpo-run-")
-            r, w = os.pipe()
+            (r, w), (split_r, split_w) = os.pipe(), os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                _child(jobs[i], jobs[i]["splits"][s], scratch, w, memory_mb, max_output, readable, runner)
+                os.close(split_w)
+                _child(jobs[i], split_r, scratch, w, memory_mb, max_output, readable, runner)
             os.close(w)
+            os.close(split_r)
+            socket.send_fds(ask, [f"{i} {s}".encode()], [split_w])  # "write split s of job i into this pipe"
+            os.close(split_w)
             os.set_blocking(r, False)
             running[pid] = (i, s, r, scratch, bytearray())
+            listening.add(r)
         orphaned = os.getppid() != server  # the server died (and the trainer, whose death ends it, perhaps)
         check_disk = time.monotonic() >= next_disk_check  # every 0.25 s: a walk of each program's scratch folder
         if check_disk:
             next_disk_check = time.monotonic() + 0.25
         for pid, (i, s, r, scratch, buf) in list(running.items()):
             job = jobs[i]
-            _drain(r, buf, job["result_bytes"])
+            if _drain(r, buf, job["result_bytes"]):
+                listening.discard(r)
             done_pid, status = os.waitpid(pid, os.WNOHANG)
             killed = None
             if not done_pid and time.monotonic() - started[i] > job["timeout"]:
@@ -334,18 +354,20 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, readable, max_output=4 
             if not done_pid:
                 _, status = os.waitpid(pid, 0)
             _drain(r, buf, job["result_bytes"])
+            listening.discard(r)
             os.close(r)
             error, proba = _finish(status, killed, buf, scratch)
             _remove(scratch)
             del running[pid]
             probas[i].append(proba)
-            if error is not None or s + 1 == len(job["splits"]):
+            if error is not None or s + 1 == job["splits"]:
                 results[i] = (error, probas[i] if error is None else [])
             else:  # its next split takes the slot at once: its time runs on
                 pending.insert(0, (i, s + 1))
         if orphaned:
             return None
-        time.sleep(0.005)
+        if not (pending and len(running) < workers):  # (a job's next split starts at once)
+            select.select(list(listening), [], [], 0.005)  # until a program's pipe ends (it exited), or 5 ms
     return results
 
 
@@ -377,28 +399,31 @@ def _remove(folder):
 
 
 def _drain(fd, buf, limit):
+    """Read what the pipe holds into buf, up to limit bytes; True once it has ended (or buf holds limit bytes)."""
     while len(buf) < limit:
         try:
             chunk = os.read(fd, min(1 << 20, limit - len(buf)))
         except BlockingIOError:
-            return
+            return False
         if not chunk:
-            return
+            return True
         buf.extend(chunk)
+    return True
 
 
-def _runner(inp, out, server, readable):
+def _runner(inp, out, ask, server, readable):
     """The runner: forked by the server before any dataset arrived, so that it, and every program it forks, has never
     held a label. It takes batches of jobs from the server and sends back each program's probabilities."""
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and the trainer's pipes are not the runner's
     os.dup2(2, 1)
+    _warm_up()
     try:
         while True:
             request = _recv(inp)
             if request is None:  # the server ended
                 return
             results = _run_jobs(request["jobs"], request["workers"], request["memory_mb"], request["disk_mb"], server,
-                                readable)
+                                ask, readable)
             if results is None:
                 return
             _send(out, results)
@@ -406,6 +431,25 @@ def _runner(inp, out, server, readable):
         pass
     finally:
         os._exit(0)
+
+
+def _warm_up():
+    """Fit a few common models on made-up rows, so that what scikit-learn and its libraries set up on a first fit is
+    set up once, here, and not again in every program process; then gc.freeze(), so that the programs' garbage
+    collections do not copy the runner's memory page by page. A program process then starts, fits and exits in
+    ~25 ms where it took ~50 (a logistic regression or a small random forest on 60 rows, 2 CPU cores)."""
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = np.arange(40.0).reshape(20, 2) % 7, np.arange(20) % 2
+    for model in (LogisticRegression(), RandomForestClassifier(n_estimators=2, random_state=0),
+                  GradientBoostingClassifier(n_estimators=2, random_state=0), KNeighborsClassifier(),
+                  DecisionTreeClassifier(random_state=0)):
+        model.fit(x, y).predict_proba(x)
+    gc.collect()
+    gc.freeze()
 
 
 def _splits(data, heldout):
@@ -447,8 +491,8 @@ def _reward(outcome, splits, n_classes):
 
 def _serve(root):
     """The server: import scikit-learn once, fork the runner, then answer requests (length-prefixed pickles) from the
-    trainer: it keeps the datasets, writes each split's training rows and validation rows (not their labels) to a
-    file of its own for the runner's programs, and computes each program's reward from the probabilities it sends
+    trainer: it keeps the datasets, writes each split's training rows and validation rows (not their labels) into the
+    pipe of the program process that asks for them, and computes each program's reward from the probabilities it sends
     back. When the trainer dies (killed by the system's out-of-memory killer, or by a cluster after its SIGTERM), the
     server kills the runner (whose programs then die), removes the scratch folder `root` and exits, without a
     traceback in the run's log."""
@@ -472,37 +516,49 @@ def _serve(root):
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
     trainer, server = os.getppid(), os.getpid()
     (jobs_r, jobs_w), (results_r, results_w) = os.pipe(), os.pipe()
+    asks, ask = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     runner = os.fork()
     if runner == 0:
         os.close(jobs_w)
         os.close(results_r)
-        _runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), server, _readable(root))
+        asks.close()
+        _runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), ask, server, _readable(root))
     os.close(jobs_r)
     os.close(results_w)
+    ask.close()
     to_runner, from_runner = os.fdopen(jobs_w, "wb"), os.fdopen(results_r, "rb")
-    datasets, splits = {}, {}  # key: (X, y, X_test, y_test); (key, heldout): (split files, splits, classes)
+    datasets, splits = {}, {}  # key: (X, y, X_test, y_test); (key, heldout): (each split's pickle, splits, classes)
     try:
         while True:
             request = _recv(inp)
             if request is None:  # the trainer closed the pipe: it ended, or died between batches
                 return
             datasets.update(request["datasets"])
-            for job in request["jobs"]:
+            jobs = request["jobs"]
+            for job in jobs:
                 where = (job["dataset"], job["heldout"])
                 if where not in splits:
-                    splits[where] = _write_splits(datasets[job["dataset"]], job["heldout"], root)
-                files, parts, n_classes = splits[where]
+                    splits[where] = _pickle_splits(datasets[job["dataset"]], job["heldout"])
+                _, parts, n_classes = splits[where]
                 rows = max(len(x_va) for _, _, x_va, _ in parts)
-                job.update(splits=files, result_bytes=4096 + 8 * rows * n_classes)
+                job.update(splits=len(parts), result_bytes=4096 + 8 * rows * n_classes)
             _send(to_runner, {k: request[k] for k in ("jobs", "workers", "memory_mb", "disk_mb")})
-            while not select.select([from_runner], [], [], 0.1)[0]:
-                if os.getppid() != trainer:  # it died mid-batch
+            while True:  # each program process's split, until the runner sends the batch's probabilities
+                ready = select.select([asks, from_runner], [], [], 0.1)[0]
+                if asks in ready:  # (first: the runner asked for every split before it sent the results)
+                    message, fds, _, _ = socket.recv_fds(asks, 64, 1)
+                    i, s = map(int, message.split())
+                    with open(fds[0], "wb") as f, contextlib.suppress(BrokenPipeError):  # (a child killed already)
+                        f.write(splits[jobs[i]["dataset"], jobs[i]["heldout"]][0][s])
+                elif ready:
+                    break
+                elif os.getppid() != trainer:  # it died mid-batch
                     return
             outcomes = _recv(from_runner)
             if outcomes is None:  # the runner died (a program killed it)
                 return
             results = []
-            for outcome, job in zip(outcomes, request["jobs"]):
+            for outcome, job in zip(outcomes, jobs):
                 _, parts, n_classes = splits[job["dataset"], job["heldout"]]
                 results.append(_reward(outcome, parts, n_classes))
             _send(out, results)
@@ -515,16 +571,10 @@ def _serve(root):
         _remove(root)
 
 
-def _write_splits(data, heldout, root):
-    """([a file per split], splits, classes): a split's file holds x_train, y_train and x_valid, and no y_valid."""
+def _pickle_splits(data, heldout):
+    """([what a program process gets of each split], splits, classes): x_train, y_train and x_valid, no y_valid."""
     parts, n_classes = _splits(data, heldout), int(max(data[1].max(), data[3].max())) + 1
-    folder = tempfile.mkdtemp(prefix="splits-", dir=root)
-    files = []
-    for x_tr, y_tr, x_va, _ in parts:
-        files.append(os.path.join(folder, f"{len(files)}.pkl"))
-        with open(files[-1], "wb") as f:
-            pickle.dump((x_tr, y_tr, x_va, n_classes), f)
-    return files, parts, n_classes
+    return [pickle.dumps((x_tr, y_tr, x_va, n_classes)) for x_tr, y_tr, x_va, _ in parts], parts, n_classes
 
 
 def _send(f, obj):
