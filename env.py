@@ -8,8 +8,9 @@ the reward is its ROC AUC (mean over 5 random 50/50 splits, seed i for split i; 
 positive class; multi-class: one-vs-one macro) and the episode ends. If it fails, the reward is -1 and the next
 prompt shows the code and the error and asks for a fix (reflection), up to a step limit (5).
 
-Programs run in execution.py: each in its own process, with a timeout and memory, CPU and file limits, in a
-scratch directory; its docstring says what that protects against and what not.
+Programs run in execution.py: a process per program and split, with a timeout and memory, CPU and file limits, in a
+scratch directory, never holding a label of the rows it is scored on (the reward is computed apart); its docstring
+says what that protects against and what not.
 
 Departures from the paper: 1. 20% of each dataset's rows are held out (fixed seed) and never used for the
 reward, so evaluation can report generalization; the 5 reward splits use the other 80%. 2. Missing values are

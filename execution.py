@@ -130,7 +130,7 @@ def _under(path, folder):
 def _readable(root):
     """A test of whether a program may read a path: only the Python installation that runs it (its prefixes, and the
     module folders on sys.path but the project's own and those that hold the home folder), the system's libraries
-    and settings, its own process's /proc files, and (the server checks first) its working directory. Not: the
+    and settings, its own process's /proc files, and (the hook checks first) its working directory. Not: the
     sandbox's other folders (other programs'), scikit-learn's copies of its toy datasets (breast_cancer, iris, wine
     and digits, whose labels a program could look its validation rows up in), a dataset's CSV file or OpenML cache,
     or another process's memory and open files (/proc/PID/mem and fd/, the server's among them)."""

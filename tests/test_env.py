@@ -521,9 +521,13 @@ def test_server_killed_by_a_program_fails_the_batch_and_restarts(iris):
         sb.close()
 
 
-def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
-    # the server forks each program into its own session, so killing the server's group does not reach them: a
-    # program still running (and what it started) when the server died must die too, not sleep on for minutes
+RUNNER, SERVER = "os.getppid()", "int(open(f'/proc/{os.getppid()}/stat').read().rsplit(')', 1)[1].split()[1])"
+
+
+@pytest.mark.parametrize("target", [RUNNER, SERVER], ids=["runner", "server"])
+def test_programs_die_with_a_runner_or_server_killed_mid_batch(target, iris, tmp_path):
+    # the runner forks each program into its own session, so killing the server's group does not reach them: a
+    # program still running (and what it started) when the runner or the server died must die too, not sleep on
     pids = str(tmp_path / "pids")  # written from native code: the audit hook refuses a program's writes outside its
     # own folder, but cannot see libc's
     sleeper = body("import ctypes, os, time\nlibc = ctypes.CDLL(None)\nchild = libc.fork()\nif child == 0:\n"
@@ -531,7 +535,7 @@ def test_programs_die_with_a_server_killed_mid_batch(iris, tmp_path):
                    f"fd = libc.open({pids.encode()!r}, os.O_WRONLY | os.O_CREAT, 0o600)\n"
                    "libc.write(fd, data, len(data))\nlibc.close(fd)\ntime.sleep(300)")
     killer = body(f"import ctypes, os, time\nwhile not os.path.exists({pids!r}):\n    time.sleep(0.05)\n"
-                  "time.sleep(0.2)\nctypes.CDLL(None).kill(os.getppid(), 9)")  # native code, as above
+                  f"time.sleep(0.2)\nctypes.CDLL(None).kill({target}, 9)")  # native code, as above
     sb = execution.Sandbox(workers=2)
     try:
         results = sb.run([sleeper, killer], iris, timeout=60)
