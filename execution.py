@@ -143,6 +143,7 @@ def _readable(root):
     allowed = [p for p in folders if not any(_under(a, p) for a in own)]  # not one that holds the project or home
     allowed += ["/usr", "/lib", "/lib64", "/etc", "/sys", os.devnull, "/dev/zero", "/dev/random", "/dev/urandom"]
     refused = [real(root), real(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "data"))]
+
     def readable(p):  # p: a real path
         if any(_under(p, folder) for folder in refused):
             return False
@@ -548,7 +549,7 @@ def _serve(root):
                 if asks in ready:  # (first: the runner asked for every split before it sent the results)
                     message, fds, _, _ = socket.recv_fds(asks, 64, 1)
                     i, s = map(int, message.split())
-                    with open(fds[0], "wb") as f, contextlib.suppress(BrokenPipeError):  # (a child killed already)
+                    with contextlib.suppress(BrokenPipeError), open(fds[0], "wb") as f:  # (a child that died)
                         f.write(splits[jobs[i]["dataset"], jobs[i]["heldout"]][0][s])
                 elif ready:
                     break

@@ -630,6 +630,29 @@ def test_programs_score_where_the_system_refuses_the_memory_limit_or_holds_a_low
         assert ("warning: this system refuses a memory limit for the generated programs" in r.stderr) == warned
 
 
+def test_a_program_process_that_fails_before_its_split_arrives_fails_alone(tmp_path):
+    # a program process reads its split from a pipe the server writes; one that ended first (here its scratch folder
+    # is refused, as on a full disk, and the server is slow to answer) leaves the server a closed pipe, whose error
+    # must not end the server, and with it the whole batch
+    hook, flag = tmp_path / "hook", tmp_path / "fail-once"
+    hook.mkdir()
+    flag.touch()
+    (hook / "sitecustomize.py").write_text(
+        "import os, socket, time\n\nchdir, recv_fds = os.chdir, socket.recv_fds\n\n\ndef once(path):\n"
+        f"    if 'etpo-run-' in str(path) and os.path.exists({str(flag)!r}):\n        os.remove({str(flag)!r})\n"
+        "        raise OSError(28, 'No space left on device')\n    chdir(path)\n\n\ndef slow(*args):\n"
+        f"    if os.path.exists({str(flag)!r} + '-slow'):\n        os.remove({str(flag)!r} + '-slow')\n"
+        "        time.sleep(0.5)\n    return recv_fds(*args)\n\n\nos.chdir, socket.recv_fds = once, slow\n")
+    (tmp_path / "fail-once-slow").touch()
+    script = ("import env, execution\nsb = execution.Sandbox(workers=1)\n"
+              f"print(sb.run([{GOOD!r}, {GOOD + '#'!r}], env.load_dataset('iris'), timeout=30))\nsb.close()\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), ROOT])})
+    results = sorted(ast.literal_eval(r.stdout.strip().splitlines()[-1]))  # (the sandbox runs them in its order)
+    assert results[0] == (-1.0, "OSError: [Errno 28] No space left on device"), (r.stdout, r.stderr)
+    assert results[1][1] is None and results[1][0] > 0.9 and not flag.exists()
+
+
 def test_a_cluster_stopping_the_job_does_not_cut_the_programs_short(iris):
     # a scheduler that stops a job signals every process in it; the trainer finishes its iteration first, so the
     # server and the running programs must live on: a program cut short would score -1, and the score would be cached
