@@ -27,6 +27,7 @@ from sklearn.model_selection import train_test_split
 
 import env
 import execution
+import isolation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -402,7 +403,7 @@ def test_a_program_cannot_find_the_labels_it_is_scored_on_or_forge_its_reward(sa
 def test_programs_may_read_the_python_installation_only(tmp_path):
     import sklearn
 
-    readable = execution._readable(str(tmp_path))
+    readable = isolation.reader(str(tmp_path))
     assert readable(os.path.realpath(sklearn.__file__)) and readable(os.path.realpath(np.__file__))
     assert readable("/proc/cpuinfo") and readable(f"/proc/{os.getpid()}/maps") and readable("/proc/1/stat")
     assert not readable("/proc/1/mem") and not readable("/proc/1/fd/3") and not readable("/proc/1/environ")
