@@ -151,20 +151,8 @@ def _serve(root):
         signal.signal(sig, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the reply pipe
-    trainer, server = os.getppid(), os.getpid()
-    (jobs_r, jobs_w), (results_r, results_w) = os.pipe(), os.pipe()
-    asks, ask = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    runner = os.fork()
-    if runner == 0:
-        os.close(jobs_w)
-        os.close(results_r)
-        asks.close()
-        isolation.runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), ask, server,
-                         isolation.reader(root))
-    os.close(jobs_r)
-    os.close(results_w)
-    ask.close()
-    to_runner, from_runner = os.fdopen(jobs_w, "wb"), os.fdopen(results_r, "rb")
+    trainer = os.getppid()
+    runner, to_runner, from_runner, asks = _fork_runner(root)
     datasets, splits = {}, {}  # key: (X, y, X_test, y_test); (key, heldout): (each split's pickle, splits, classes)
     try:
         while True:
@@ -181,17 +169,8 @@ def _serve(root):
                 rows = max(len(x_va) for _, _, x_va, _ in parts)
                 job.update(splits=len(parts), result_bytes=4096 + 8 * rows * n_classes)
             isolation.send(to_runner, {k: request[k] for k in ("jobs", "workers", "memory_mb", "disk_mb")})
-            while True:  # each program process's split, until the runner sends the batch's probabilities
-                ready = select.select([asks, from_runner], [], [], 0.1)[0]
-                if asks in ready:  # (first: the runner asked for every split before it sent the results)
-                    message, fds, _, _ = socket.recv_fds(asks, 64, 1)
-                    i, s = map(int, message.split())
-                    with contextlib.suppress(BrokenPipeError), open(fds[0], "wb") as f:  # (a child that died)
-                        f.write(splits[jobs[i]["dataset"], jobs[i]["heldout"]][0][s])
-                elif ready:
-                    break
-                elif os.getppid() != trainer:  # it died mid-batch
-                    return
+            if not _feed(jobs, splits, asks, from_runner, trainer):  # the trainer died mid-batch
+                return
             outcomes = isolation.recv(from_runner)
             if outcomes is None:  # the runner died (a program killed it)
                 return
@@ -207,6 +186,40 @@ def _serve(root):
             os.kill(runner, signal.SIGKILL)  # its programs die with it
         os.waitpid(runner, 0)
         isolation.remove(root)
+
+
+def _fork_runner(root):
+    """Fork the runner, before any dataset arrives: (its pid, the pipe that takes it jobs, the pipe its results come
+    back through, the socket through which it asks for a program process's split)."""
+    server = os.getpid()
+    (jobs_r, jobs_w), (results_r, results_w) = os.pipe(), os.pipe()
+    asks, ask = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    runner = os.fork()
+    if runner == 0:
+        os.close(jobs_w)
+        os.close(results_r)
+        asks.close()
+        isolation.runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), ask, server, isolation.reader(root))
+    os.close(jobs_r)
+    os.close(results_w)
+    ask.close()
+    return runner, os.fdopen(jobs_w, "wb"), os.fdopen(results_r, "rb"), asks
+
+
+def _feed(jobs, splits, asks, results, trainer):
+    """Write each program process's split into the pipe the runner sends with its ask ("job i, split s"), until the
+    batch's results arrive (True), or the trainer dies (False)."""
+    while True:
+        ready = select.select([asks, results], [], [], 0.1)[0]
+        if asks in ready:  # (first: the runner asked for every split before it sent the results)
+            message, fds, _, _ = socket.recv_fds(asks, 64, 1)
+            i, s = map(int, message.split())
+            with contextlib.suppress(BrokenPipeError), open(fds[0], "wb") as f:  # (a process that died first)
+                f.write(splits[jobs[i]["dataset"], jobs[i]["heldout"]][0][s])
+        elif ready:
+            return True
+        elif os.getppid() != trainer:
+            return False
 
 
 def _pickle_splits(data, heldout):

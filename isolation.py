@@ -161,14 +161,14 @@ def limit_memory(memory_mb):
         return False
 
 
-def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, readable, runner):
+def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, readable, runner_pid):
     """Runs in the forked child: isolate, limit, read one split (which the server writes into split_fd), predict, write
     the result to result_fd, exit. The result is one JSON line ({"error": text or null, "shape": [rows, classes]})
     and then the probabilities' bytes: nothing the runner or the server unpickles, and no reward (the server's)."""
     proba, error = None, None
     try:
         os.setsid()  # own session and process group: the runner kills the whole group
-        _die_with_parent(runner)  # and if the runner dies, the group kills itself
+        _die_with_parent(runner_pid)  # and if the runner dies, the group kills itself
         os.chdir(scratch)
         out = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(out, 1)
@@ -247,23 +247,12 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_outp
     programs still running are killed, not waited for."""
     pending, running = [(i, 0) for i in range(len(jobs))], {}
     started, probas, results, listening = {}, [[] for _ in jobs], [None] * len(jobs), set()
-    runner, next_disk_check = os.getpid(), 0.0
+    next_disk_check = 0.0
     while pending or running:
         while pending and len(running) < workers:
             i, s = pending.pop(0)
             started.setdefault(i, time.monotonic())
-            scratch = tempfile.mkdtemp(prefix="etpo-run-")
-            (r, w), (split_r, split_w) = os.pipe(), os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                os.close(split_w)
-                _child(jobs[i], split_r, scratch, w, memory_mb, max_output, readable, runner)
-            os.close(w)
-            os.close(split_r)
-            socket.send_fds(ask, [f"{i} {s}".encode()], [split_w])  # "write split s of job i into this pipe"
-            os.close(split_w)
-            os.set_blocking(r, False)
+            pid, r, scratch = _fork_program(jobs, i, s, ask, memory_mb, max_output, readable)
             running[pid] = (i, s, r, scratch, bytearray())
             listening.add(r)
         orphaned = os.getppid() != server  # the server died (and the trainer, whose death ends it, perhaps)
@@ -305,6 +294,24 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_outp
         if not (pending and len(running) < workers):  # (a job's next split starts at once)
             select.select(list(listening), [], [], 0.005)  # until a program's pipe ends (it exited), or 5 ms
     return results
+
+
+def _fork_program(jobs, i, s, ask, memory_mb, max_output, readable):
+    """Fork the process of job i's split s, in a new scratch folder, and ask the server, through the socket `ask`, to
+    write that split into the pipe it reads: (its pid, the pipe its result comes back through, the folder)."""
+    runner_pid, scratch = os.getpid(), tempfile.mkdtemp(prefix="etpo-run-")
+    (r, w), (split_r, split_w) = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.close(split_w)
+        _child(jobs[i], split_r, scratch, w, memory_mb, max_output, readable, runner_pid)
+    os.close(w)
+    os.close(split_r)
+    socket.send_fds(ask, [f"{i} {s}".encode()], [split_w])
+    os.close(split_w)
+    os.set_blocking(r, False)
+    return pid, r, scratch
 
 
 def _disk_use(folder):
