@@ -390,7 +390,8 @@ def _warm_up():
     for model in (LogisticRegression(), RandomForestClassifier(n_estimators=2, random_state=0),
                   GradientBoostingClassifier(n_estimators=2, random_state=0), KNeighborsClassifier(),
                   DecisionTreeClassifier(random_state=0)):
-        model.fit(x, y).predict_proba(x)
+        with contextlib.suppress(Exception):  # (a release that fails here costs the programs time, nothing more)
+            model.fit(x, y).predict_proba(x)
     gc.collect()
     gc.freeze()
 
