@@ -110,7 +110,7 @@ def _guard(scratch, readable):
         return None if path is None or isinstance(path, int) else os.path.realpath(os.fsdecode(path))
 
     def outside(p):
-        return p is not None and p != os.devnull and p != scratch and not p.startswith(scratch + os.sep)
+        return p is not None and p != os.devnull and not _under(p, scratch)
 
     def hook(event, args):
         if event == "open":
@@ -379,8 +379,8 @@ def runner(inp, out, ask, server, readable):
 def _warm_up():
     """Fit a few common models on made-up rows, so that what scikit-learn and its libraries set up on a first fit is
     set up once, here, and not again in every program process; then gc.freeze(), so that the programs' garbage
-    collections do not copy the runner's memory page by page. A program process then starts, fits and exits in
-    ~25 ms where it took ~50 (a logistic regression or a small random forest on 60 rows, 2 CPU cores)."""
+    collections do not copy the runner's memory page by page. A fork that fits a logistic regression or a small
+    random forest on 60 rows and exits then takes ~25 ms where it took ~40-50 (BENCHMARKS.md, 2 CPU cores)."""
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
