@@ -199,7 +199,7 @@ def _fork_runner(root):
         os.close(jobs_w)
         os.close(results_r)
         asks.close()
-        isolation.runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), ask, server, isolation.reader(root))
+        isolation.runner(os.fdopen(jobs_r, "rb"), os.fdopen(results_w, "wb"), ask, server, root)
     os.close(jobs_r)
     os.close(results_w)
     ask.close()

@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def _error_text(e, source):
     lines = source.splitlines()
     where = f"line {lineno - 1}: {lines[lineno - 1].strip()}\n" if lineno and 0 < lineno <= len(lines) else ""
     message = str(e) if not isinstance(e, SystemExit) else f"the code called sys.exit({e.code!r})"
+    if isinstance(e, PermissionError) and "not allowed" not in message:  # the kernel's refusal (Landlock), not the hook's
+        message += ("; the sandbox lets the code write only in its working directory, and start no process and use "
+                    "no network")
     return (where + f"{type(e).__name__}: {message}")[:1000]
 
 
@@ -62,34 +66,148 @@ def _under(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _folders(root):
+    """(allowed, refused): the folders below which a program may read, and those below an allowed one where it may
+    not; the most specific folder decides (a virtual environment inside a refused project folder stays readable)."""
+    import sklearn
+
+    real = os.path.realpath
+    own = [real(os.path.dirname(os.path.abspath(__file__))), real(os.path.expanduser("~"))]  # the project, home
+    folders = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path)
+               if p and os.path.isdir(p)}
+    allowed = [p for p in folders if not any(_under(a, p) for a in own)]  # not one that holds the project or home
+    allowed += [real(p) for p in ("/usr", "/lib", "/lib64", "/etc", "/sys", os.devnull, "/dev/zero", "/dev/random",
+                                  "/dev/urandom")]  # (real: macOS's /etc is /private/etc)
+    refused = [real(root), real(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "data"))]
+    refused += [a for a in own if any(_under(a, p) for p in allowed)]  # a project in /usr/src/app, say
+    return allowed, refused
+
+
 def reader(root):
     """A test of whether a program may read a path: only the Python installation that runs it (its prefixes, and the
     module folders on sys.path but the project's own and those that hold the home folder), the system's libraries
     and settings, its own process's /proc files, and (the hook checks first) its working directory. Not: the
     sandbox's other folders (other programs'), scikit-learn's copies of its toy datasets (breast_cancer, iris, wine
-    and digits, whose labels a program could look its validation rows up in), a dataset's CSV file or OpenML cache,
-    or another process's memory and open files (/proc/PID/mem and fd/, the server's among them)."""
-    import sklearn
-
-    real = os.path.realpath
-    own = [real(os.path.dirname(os.path.abspath(__file__))), real(os.path.expanduser("~"))]
-    folders = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path)
-               if p and os.path.isdir(p)}
-    allowed = [p for p in folders if not any(_under(a, p) for a in own)]  # not one that holds the project or home
-    allowed += ["/usr", "/lib", "/lib64", "/etc", "/sys", os.devnull, "/dev/zero", "/dev/random", "/dev/urandom"]
-    refused = [real(root), real(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "data"))]
+    and digits, whose labels a program could look its validation rows up in), a dataset's CSV file or OpenML cache
+    (the project's folder and home, even where the system's folders hold them), or another process's memory and open
+    files (/proc/PID/mem and fd/, the server's among them)."""
+    allowed, refused = _folders(root)
 
     def readable(p):  # p: a real path
-        if any(_under(p, folder) for folder in refused):
-            return False
         parts = p.split(os.sep)  # /proc/PID/...: its own, everything; another's, what `ps` reads
         if p.startswith("/proc/"):
             pid = parts[2]
             return not pid.isdigit() or int(pid) == os.getpid() or (
                 len(parts) == 4 and parts[3] in ("stat", "status", "statm", "cmdline", "comm"))
-        return any(_under(p, folder) for folder in allowed)
+        deciding = max((f for f in allowed + refused if _under(p, f)), key=len, default=None)
+        return deciding is not None and deciding not in refused
 
     return readable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Landlock (Linux 5.13+): rules kept by the kernel, which a program's native code (ctypes) cannot get around as it can
+# the audit hook's (https://docs.kernel.org/userspace-api/landlock.html). Its system calls have the same numbers on
+# every architecture; the rights are landlock.h's LANDLOCK_ACCESS_FS_* bits.
+
+_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1, 1 << 1, 1 << 2, 1 << 3
+_CHANGES = sum(1 << bit for bit in range(4, 13))  # remove a folder or a file; make a device, folder, file, socket, link
+_REFER, _TRUNCATE = 1 << 13, 1 << 14  # link or rename into another folder (ABI 2); truncate (ABI 3)
+_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE  # what a rule on a file, not a folder, may give
+
+
+def _landlock(call, *args):
+    """landlock_create_ruleset (444), landlock_add_rule (445) or landlock_restrict_self (446)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    result = libc.syscall(ctypes.c_long(call), *args)
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"Landlock: {os.strerror(errno)}")
+    return result
+
+
+def _ruleset(abi, rights, outside=False):
+    """A new ruleset (its fd) that handles the file rights `rights` and, with outside=True, where the kernel knows
+    them, TCP (bind and connect: ABI 4) and the scopes (signals to, and abstract Unix sockets of, the processes
+    outside the program's: ABI 6). What a ruleset handles is refused but where a rule allows it."""
+    attr = struct.pack("<QQQ", rights, 3 if outside and abi >= 4 else 0, 3 if outside and abi >= 6 else 0)
+    return _landlock(444, attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+
+
+def _allow(ruleset, path, rights):
+    """Add the rule: `rights` below path (on a file, its file rights only). A path that does not exist is skipped."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= _FILE_RIGHTS
+        rule = struct.pack("<Qi", rights, fd)  # struct landlock_path_beneath_attr (packed)
+        _landlock(445, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0))  # 1: LANDLOCK_RULE_PATH_BENEATH
+    finally:
+        os.close(fd)
+
+
+def _beneath(folder, refused):
+    """The rules, [(path, rights)], that let a program read everything below folder but the files below the refused
+    folders (no Landlock rule refuses: the folders between are allowed one entry at a time, and listed)."""
+    inside = [r for r in refused if _under(r, folder)]
+    if not inside:
+        return [(folder, _READ_FILE | _READ_DIR)]
+    if folder in inside:
+        return []
+    rules = [(folder, _READ_DIR)]  # the names below it, which Python's imports list, and not the refused files
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            path = os.path.realpath(entry.path)
+            if _under(path, folder):  # (a link out of it leads where another rule decides)
+                rules += _beneath(path, inside)
+    return rules
+
+
+def landlock_abi():
+    """The version of the kernel's Landlock interface (1 from Linux 5.13 on, each later one refuses more), or None
+    where the kernel has none: not Linux, Linux before 5.13, Landlock turned off, or refused by a container."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return _landlock(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # 1: LANDLOCK_CREATE_RULESET_VERSION
+    except OSError:  # ENOSYS, EOPNOTSUPP (built, but off), EPERM (a seccomp filter)
+        return None
+
+
+def kernel_rules(root):
+    """The runner's Landlock ruleset, to which each program process adds a layer of its own (_confine): read only
+    what `reader` allows and the sandbox's folder (and /proc: the kernel refuses the memory and open files of a
+    process outside the program's own), execute nothing, no TCP, no signal to a process outside. (its fd, the
+    kernel's Landlock ABI), or None where the kernel has no Landlock."""
+    abi = landlock_abi()
+    if abi is None:
+        return None
+    ruleset = _ruleset(abi, _EXECUTE | _READ_FILE | _READ_DIR, outside=True)
+    allowed, refused = _folders(root)
+    everything = _READ_FILE | _READ_DIR
+    for path, rights in {*(rule for folder in allowed for rule in _beneath(folder, refused)),
+                         (os.path.realpath(root), everything), ("/proc", everything)}:
+        _allow(ruleset, path, rights)
+    return ruleset, abi
+
+
+def _confine(kernel, scratch):
+    """Put this program process under the runner's ruleset, then under a layer of its own: write, make, delete and
+    rename only below its scratch folder (and write /dev/null). Layers add up: each must allow an access."""
+    ruleset, abi = kernel
+    if ctypes.CDLL(None).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, without which only root may restrict
+        raise OSError("Landlock: prctl(PR_SET_NO_NEW_PRIVS) failed")
+    _landlock(446, ctypes.c_int(ruleset), ctypes.c_uint32(0))
+    changes = _WRITE_FILE | _CHANGES | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
+    layer = _ruleset(abi, changes)
+    _allow(layer, scratch, changes)
+    _allow(layer, os.devnull, changes)
+    _landlock(446, ctypes.c_int(layer), ctypes.c_uint32(0))
+    os.close(layer)
 
 
 def _guard(scratch, readable):
@@ -161,11 +279,13 @@ def limit_memory(memory_mb):
         return False
 
 
-def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, readable, runner_pid):
+def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, rules, runner_pid):
     """Runs in the forked child: isolate, limit, read one split (which the server writes into split_fd), predict, write
     the result to result_fd, exit. The result is one JSON line ({"error": text or null, "shape": [rows, classes]})
-    and then the probabilities' bytes: nothing the runner or the server unpickles, and no reward (the server's)."""
+    and then the probabilities' bytes: nothing the runner or the server unpickles, and no reward (the server's).
+    rules: (reader's test, kernel_rules' ruleset or None)."""
     proba, error = None, None
+    readable, kernel = rules
     try:
         os.setsid()  # own session and process group: the runner kills the whole group
         _die_with_parent(runner_pid)  # and if the runner dies, the group kills itself
@@ -174,6 +294,8 @@ def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, readable, r
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        if kernel:
+            _confine(kernel, scratch)  # from here on, the kernel's rules hold
         with open(split_fd, "rb") as f:
             x_train, y_train, x_valid, n_classes = pickle.load(f)  # this split's, and no validation label
         os.closerange(3, result_fd)  # the pipes to the server and to the other programs: none is the program's
@@ -237,7 +359,7 @@ def _finish(status, killed, raw, scratch):
     return error, proba
 
 
-def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_output=4 << 20):
+def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, rules, max_output=4 << 20):
     """Run each job's splits one after another, each in a child of its own (a program keeps nothing from one split to
     the next, where the rows it is scored on were training rows), up to `workers` children at a time; stop a job at
     its first error. Kill each process group at exit, at the job's timeout (its splits' time together), or when its
@@ -252,7 +374,7 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_outp
         while pending and len(running) < workers:
             i, s = pending.pop(0)
             started.setdefault(i, time.monotonic())
-            pid, r, scratch = _fork_program(jobs, i, s, ask, memory_mb, max_output, readable)
+            pid, r, scratch = _fork_program(jobs, i, s, ask, memory_mb, max_output, rules)
             running[pid] = (i, s, r, scratch, bytearray())
             listening.add(r)
         orphaned = os.getppid() != server  # the server died (and the trainer, whose death ends it, perhaps)
@@ -296,7 +418,7 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, readable, max_outp
     return results
 
 
-def _fork_program(jobs, i, s, ask, memory_mb, max_output, readable):
+def _fork_program(jobs, i, s, ask, memory_mb, max_output, rules):
     """Fork the process of job i's split s, in a new scratch folder, and ask the server, through the socket `ask`, to
     write that split into the pipe it reads: (its pid, the pipe its result comes back through, the folder)."""
     runner_pid, scratch = os.getpid(), tempfile.mkdtemp(prefix="etpo-run-")
@@ -305,7 +427,7 @@ def _fork_program(jobs, i, s, ask, memory_mb, max_output, readable):
     if pid == 0:
         os.close(r)
         os.close(split_w)
-        _child(jobs[i], split_r, scratch, w, memory_mb, max_output, readable, runner_pid)
+        _child(jobs[i], split_r, scratch, w, memory_mb, max_output, rules, runner_pid)
     os.close(w)
     os.close(split_r)
     socket.send_fds(ask, [f"{i} {s}".encode()], [split_w])
@@ -354,19 +476,25 @@ def _drain(fd, buf, limit):
     return True
 
 
-def runner(inp, out, ask, server, readable):
+def runner(inp, out, ask, server, root):
     """The runner: forked by the server before any dataset arrived, so that it, and every program it forks, has never
-    held a label. It takes batches of jobs from the server and sends back each program's probabilities."""
+    held a label. It takes batches of jobs from the server and sends back each program's probabilities. root: the
+    sandbox's folder, which holds the programs' scratch folders."""
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and the trainer's pipes are not the runner's
     os.dup2(2, 1)
     _warm_up()
+    rules = reader(root), kernel_rules(root)
+    if rules[1] is None and sys.platform == "linux":  # (on stderr, which is the trainer's)
+        print("warning: this kernel does not confine the generated programs with Landlock (it needs Linux 5.13 or "
+              "later, with Landlock on): Python's audit hook alone does, which a program's native code (ctypes) can "
+              "get around", file=sys.stderr, flush=True)
     try:
         while True:
             request = recv(inp)
             if request is None:  # the server ended
                 return
             results = _run_jobs(request["jobs"], request["workers"], request["memory_mb"], request["disk_mb"], server,
-                                ask, readable)
+                                ask, rules)
             if results is None:
                 return
             send(out, results)
