@@ -1,6 +1,6 @@
 """
 What a generated program runs in: the runner, which forks a process per program and split, and that process, with
-its limits and its audit hook. execution.py says how the pieces fit (the server keeps the labels and computes the
+its limits, its audit hook and, where the kernel has it, Landlock. execution.py says how the pieces fit (the server keeps the labels and computes the
 reward; this file never sees a label) and what they protect against; this is the half that untrusted code touches.
 """
 
@@ -31,6 +31,9 @@ except ImportError:  # Windows: one sentence here, where train.py, eval.py and b
 
 import numpy as np
 
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library: prctl, and Landlock's system calls
+_libc.syscall.restype = ctypes.c_long
+
 
 def _predict(source, x_train, y_train, x_valid, n_classes):
     """The program's class probabilities for one split's validation rows, from build_model on its training rows."""
@@ -56,7 +59,7 @@ def _error_text(e, source):
     lines = source.splitlines()
     where = f"line {lineno - 1}: {lines[lineno - 1].strip()}\n" if lineno and 0 < lineno <= len(lines) else ""
     message = str(e) if not isinstance(e, SystemExit) else f"the code called sys.exit({e.code!r})"
-    if isinstance(e, PermissionError) and "not allowed" not in message:  # the kernel's refusal (Landlock), not the hook's
+    if isinstance(e, PermissionError) and "not allowed" not in message:  # the kernel's refusal (Landlock): say why
         message += ("; the sandbox lets the code write only in its working directory, and start no process and use "
                     "no network")
     return (where + f"{type(e).__name__}: {message}")[:1000]
@@ -118,9 +121,7 @@ _FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE  # what a rule on
 
 def _landlock(call, *args):
     """landlock_create_ruleset (444), landlock_add_rule (445) or landlock_restrict_self (446)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    result = libc.syscall(ctypes.c_long(call), *args)
+    result = _libc.syscall(ctypes.c_long(call), *args)
     if result < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"Landlock: {os.strerror(errno)}")
@@ -145,7 +146,7 @@ def _allow(ruleset, path, rights):
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= _FILE_RIGHTS
         rule = struct.pack("<Qi", rights, fd)  # struct landlock_path_beneath_attr (packed)
-        _landlock(445, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0))  # 1: LANDLOCK_RULE_PATH_BENEATH
+        _landlock(445, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0))  # 1: a path_beneath rule
     finally:
         os.close(fd)
 
@@ -199,7 +200,7 @@ def _confine(kernel, scratch):
     """Put this program process under the runner's ruleset, then under a layer of its own: write, make, delete and
     rename only below its scratch folder (and write /dev/null). Layers add up: each must allow an access."""
     ruleset, abi = kernel
-    if ctypes.CDLL(None).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, without which only root may restrict
+    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, without which only root may restrict
         raise OSError("Landlock: prctl(PR_SET_NO_NEW_PRIVS) failed")
     _landlock(446, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     changes = _WRITE_FILE | _CHANGES | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
@@ -259,7 +260,7 @@ def _die_with_parent(parent):
     dies (prctl PR_SET_PDEATHSIG, Linux); elsewhere a program outlives a dead runner up to its CPU-time limit."""
     signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGUSR2)  # 1 = PR_SET_PDEATHSIG
+        _libc.prctl(1, signal.SIGUSR2)  # 1 = PR_SET_PDEATHSIG
     except AttributeError:  # no prctl: not Linux
         return
     if os.getppid() != parent:  # the runner died before the prctl
