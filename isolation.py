@@ -32,7 +32,8 @@ except ImportError:  # Windows: one sentence here, where train.py, eval.py and b
 import numpy as np
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library: prctl, and Landlock's system calls
-_libc.syscall.restype = ctypes.c_long
+with contextlib.suppress(AttributeError):  # (a C library without syscall has no Landlock either)
+    _libc.syscall.restype = ctypes.c_long
 
 
 def _predict(source, x_train, y_train, x_valid, n_classes):
@@ -175,7 +176,7 @@ def landlock_abi():
         return None
     try:
         return _landlock(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # 1: LANDLOCK_CREATE_RULESET_VERSION
-    except OSError:  # ENOSYS, EOPNOTSUPP (built, but off), EPERM (a seccomp filter)
+    except (OSError, AttributeError):  # ENOSYS, EOPNOTSUPP (built, but off), EPERM (a seccomp filter)
         return None
 
 
@@ -187,12 +188,18 @@ def kernel_rules(root):
     abi = landlock_abi()
     if abi is None:
         return None
-    ruleset = _ruleset(abi, _EXECUTE | _READ_FILE | _READ_DIR, outside=True)
     allowed, refused = _folders(root)
     everything = _READ_FILE | _READ_DIR
-    for path, rights in {*(rule for folder in allowed for rule in _beneath(folder, refused)),
-                         (os.path.realpath(root), everything), ("/proc", everything)}:
-        _allow(ruleset, path, rights)
+    ruleset = None
+    try:
+        ruleset = _ruleset(abi, _EXECUTE | _READ_FILE | _READ_DIR, outside=True)
+        for path, rights in {*(rule for folder in allowed for rule in _beneath(folder, refused)),
+                             (os.path.realpath(root), everything), ("/proc", everything)}:
+            _allow(ruleset, path, rights)
+    except OSError:  # a rule the kernel refuses (a file system it cannot watch, say): none rather than some
+        if ruleset is not None:
+            os.close(ruleset)
+        return None
     return ruleset, abi
 
 
