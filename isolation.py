@@ -1,7 +1,8 @@
 """
 What a generated program runs in: the runner, which forks a process per program and split, and that process, with
-its limits, its audit hook and, where the kernel has it, Landlock. execution.py says how the pieces fit (the server keeps the labels and computes the
-reward; this file never sees a label) and what they protect against; this is the half that untrusted code touches.
+its limits, its audit hook and, where the kernel has it, Landlock. execution.py says how the pieces fit (the server
+keeps the labels and computes the reward; this file never sees a label) and what they protect against; this is the
+half that untrusted code touches.
 """
 
 import contextlib
@@ -207,7 +208,7 @@ def _confine(kernel, scratch):
     """Put this program process under the runner's ruleset, then under a layer of its own: write, make, delete and
     rename only below its scratch folder (and write /dev/null). Layers add up: each must allow an access."""
     ruleset, abi = kernel
-    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, without which only root may restrict
+    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: restrict_self asks it of one without CAP_SYS_ADMIN
         raise OSError("Landlock: prctl(PR_SET_NO_NEW_PRIVS) failed")
     _landlock(446, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     changes = _WRITE_FILE | _CHANGES | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
