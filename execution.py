@@ -34,18 +34,18 @@ files (/proc/PID/mem and fd/); the network (OpenML serves every dataset); starti
 install` would change the trainer's own packages); and signalling a process outside the program's group (the runner: its
 death would fail the whole batch). Where the kernel has Landlock (Linux 5.13+, turned on), the kernel keeps the same
 rules, which native code (ctypes, and multiprocessing's spawn and forkserver start methods, which start their processes
-from C) gets around in the audit hook: each program process reads only the Python installation and the system's
-folders (not scikit-learn's toy datasets, the project's folder or home), writes only in its scratch folder, executes no
-file, makes no TCP connection (Linux 6.7+) and signals (6.12+), traces and reads the memory and open files of no process
-outside its own (isolation.kernel_rules, isolation._confine). The trainer talks to the server through a pipe with a
-deadline and restarts it if it dies (or the runner does); a server whose trainer dies kills the runner, whose programs
-then die, removes their folders and exits at once. All three and the programs ignore SIGTERM, SIGINT and SIGUSR1, which
-the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). What remains
-open to native code, even under Landlock: UDP, leaving the process group with setsid (a process that then outlives the
-program, up to its CPU-time limit), and reading the other programs' scratch folders (which hold no label); without
-Landlock, also reading the server's memory where the system lets a process read another's of the same user
-(/proc/sys/kernel/yama/ptrace_scope 0, or root), and writing into its pipes. Run untrusted models in a container or VM
-if that matters to you.
+from C) gets around in the audit hook: each program process reads only the Python installation and the system's folders
+(not scikit-learn's toy datasets, the project's folder or home), writes only in its scratch folder, executes no file,
+and neither traces nor reads the memory and open files of a process outside its own, nor (from Linux 6.7) makes a TCP
+connection, nor (from 6.12) signals such a process (isolation.kernel_rules, isolation._confine). The trainer talks to
+the server through a pipe with a deadline and restarts it if it dies (or the runner does); a server whose trainer dies
+kills the runner, whose programs then die, removes their folders and exits at once. All three and the programs ignore
+SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
+every process in it). What remains open to native code, even under Landlock: UDP, leaving the process group with setsid
+(a process that then outlives the program, up to its CPU-time limit), and reading the other programs' scratch folders
+(which hold no label); without Landlock, also reading the server's memory where the system lets a process read another's
+of the same user (/proc/sys/kernel/yama/ptrace_scope 0, or root), and writing into its pipes. Run untrusted models in a
+container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
