@@ -43,9 +43,9 @@ kills the runner, whose programs then die, removes their folders and exits at on
 SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
 every process in it). What remains open to native code, even under Landlock: UDP, leaving the process group with setsid
 (a process that then outlives the program, up to its CPU-time limit), and reading the other programs' scratch folders
-(which hold no label); without Landlock, also reading the server's memory where the system lets a process read another's
-of the same user (/proc/sys/kernel/yama/ptrace_scope 0, or root), and writing into its pipes. Run untrusted models in a
-container or VM if that matters to you.
+(which hold no label); without Landlock, as root, also reading the server's memory and writing into the runner's pipes,
+whose messages the server unpickles (for any other user the server and the runner are undumpable:
+isolation.keep_private). Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
@@ -143,6 +143,7 @@ def _serve(root):
     import sklearn.neighbors, sklearn.pipeline, sklearn.preprocessing, sklearn.svm, sklearn.tree  # noqa: E401,F401
 
     sys.dont_write_bytecode = True
+    isolation.keep_private()  # (the runner and the programs inherit it)
     probe = os.fork()  # a child tries a memory limit, so that the server itself stays unlimited
     if probe == 0:
         os._exit(0 if isolation.limit_memory(MEMORY_MB) else 1)
@@ -178,7 +179,7 @@ def _serve(root):
             if not _feed(jobs, splits, asks, from_runner, trainer):  # the trainer died mid-batch
                 return
             outcomes = isolation.recv(from_runner)
-            if outcomes is None:  # the runner died (a program killed it)
+            if outcomes is None:  # the runner died (killed by the system, or by a program's native code)
                 return
             results = []
             for outcome, job in zip(outcomes, jobs):

@@ -275,6 +275,14 @@ def _die_with_parent(parent):
         os.killpg(0, signal.SIGKILL)
 
 
+def keep_private():
+    """Make this process, and those it forks, undumpable (prctl PR_SET_DUMPABLE 0, Linux): a process of the same user
+    but root can then neither trace it nor open its /proc/PID/mem or fd/, even from native code and without Landlock.
+    The server's pipes and memory matter: it unpickles what the runner sends, and it holds the labels."""
+    with contextlib.suppress(AttributeError):  # no prctl: not Linux
+        _libc.prctl(4, 0, 0, 0, 0)  # 4 = PR_SET_DUMPABLE
+
+
 def limit_memory(memory_mb):
     """Cap this process's address space at memory_mb, or at a lower cap already set (`ulimit -v` on a cluster, which
     no process may raise); False where the system refuses (macOS answers EINVAL, which Python raises as ValueError,

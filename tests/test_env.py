@@ -493,6 +493,14 @@ def test_programs_may_read_the_python_installation_only(tmp_path, monkeypatch):
     assert readable("/usr/src/another-app/x.py") and readable(os.path.realpath(sklearn.__file__))
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
+def test_the_sandbox_processes_are_undumpable(sandbox, iris):
+    # so that, Landlock or not, a program of another user than root cannot open the server's memory or the runner's
+    # pipes (whose messages the server unpickles) through /proc; a program process inherits the runner's flag
+    code = "import ctypes\nraise RuntimeError(f'dumpable {ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)}')"  # PR_GET_DUMPABLE
+    assert sandbox.run([body(code)], iris, timeout=10)[0][1].endswith("RuntimeError: dumpable 0")
+
+
 def test_a_program_may_not_leave_files_in_shared_memory(sandbox, iris):
     # /dev/shm is the machine's memory: a file there outlives the program, outside the disk cap and the scratch folder
     path = f"/dev/shm/etpo-escape-{os.getpid()}.txt"
