@@ -37,7 +37,7 @@ rules, which native code (ctypes, and multiprocessing's spawn and forkserver sta
 from C) gets around in the audit hook: each program process reads only the Python installation and the system's folders
 (not scikit-learn's toy datasets, the project's folder or home), writes only in its scratch folder, executes no file,
 and neither traces nor reads the memory and open files of a process outside its own, nor (from Linux 6.7) makes a TCP
-connection, nor (from 6.12) signals such a process (isolation.kernel_rules, isolation._confine). The trainer talks to
+connection, nor (from 6.12) signals such a process (landlock.py). The trainer talks to
 the server through a pipe with a deadline and restarts it if it dies (or the runner does); a server whose trainer dies
 kills the runner, whose programs then die, removes their folders and exits at once. All three and the programs ignore
 SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
@@ -67,6 +67,7 @@ import weakref
 import numpy as np
 
 import isolation  # (first: on Windows it ends the import with one sentence)
+import landlock
 
 
 MEMORY_MB = 4096  # each program's address-space cap, by default (Sandbox's memory_mb)
@@ -76,12 +77,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a clus
 
 
 def _rules():
-    """What a program's score depends on besides its code, the data, its limits and its seeds: the rules in this file
-    and isolation.py, and the libraries the programs run with, as a short hash. It is part of the reward cache's key,
-    so that a run resumed after either changed scores its programs again instead of reusing rewards cached under the
-    old ones."""
+    """What a program's score depends on besides its code, the data, its limits and its seeds: the rules in this file,
+    isolation.py and landlock.py, and the libraries the programs run with, as a short hash. It is part of the reward
+    cache's key, so that a run resumed after any of them changed scores its programs again instead of reusing rewards
+    cached under the old ones."""
     parts = []
-    for path in (__file__, isolation.__file__):
+    for path in (__file__, isolation.__file__, landlock.__file__):
         with open(path, "rb") as f:
             parts.append(f.read())
     parts += [importlib.metadata.version(name).encode() for name in ("scikit-learn", "numpy")]

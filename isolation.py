@@ -1,8 +1,8 @@
 """
 What a generated program runs in: the runner, which forks a process per program and split, and that process, with
-its limits, its audit hook and, where the kernel has it, Landlock. execution.py says how the pieces fit (the server
-keeps the labels and computes the reward; this file never sees a label) and what they protect against; this is the
-half that untrusted code touches.
+its limits, its audit hook and, where the kernel has it, Landlock (landlock.py). execution.py says how the pieces fit
+(the server keeps the labels and computes the reward; this file never sees a label) and what they protect against;
+this is the half that untrusted code touches.
 """
 
 import contextlib
@@ -16,7 +16,6 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -32,9 +31,9 @@ except ImportError:  # Windows: one sentence here, where train.py, eval.py and b
 
 import numpy as np
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library: prctl, and Landlock's system calls
-with contextlib.suppress(AttributeError):  # (a C library without syscall has no Landlock either)
-    _libc.syscall.restype = ctypes.c_long
+import landlock
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library: prctl
 
 
 def _predict(source, x_train, y_train, x_valid, n_classes):
@@ -108,115 +107,6 @@ def reader(root):
         return deciding is not None and deciding not in refused
 
     return readable
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Landlock (Linux 5.13+): rules kept by the kernel, which a program's native code (ctypes) cannot get around as it can
-# the audit hook's (https://docs.kernel.org/userspace-api/landlock.html). Its system calls have the same numbers on
-# every architecture; the rights are landlock.h's LANDLOCK_ACCESS_FS_* bits.
-
-_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1, 1 << 1, 1 << 2, 1 << 3
-_CHANGES = sum(1 << bit for bit in range(4, 13))  # remove a folder or a file; make a device, folder, file, socket, link
-_REFER, _TRUNCATE = 1 << 13, 1 << 14  # link or rename into another folder (ABI 2); truncate (ABI 3)
-_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE  # what a rule on a file, not a folder, may give
-
-
-def _landlock(call, *args):
-    """landlock_create_ruleset (444), landlock_add_rule (445) or landlock_restrict_self (446)."""
-    result = _libc.syscall(ctypes.c_long(call), *args)
-    if result < 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"Landlock: {os.strerror(errno)}")
-    return result
-
-
-def _ruleset(abi, rights, outside=False):
-    """A new ruleset (its fd) that handles the file rights `rights` and, with outside=True, where the kernel knows
-    them, TCP (bind and connect: ABI 4) and the scopes (signals to, and abstract Unix sockets of, the processes
-    outside the program's: ABI 6). What a ruleset handles is refused but where a rule allows it."""
-    attr = struct.pack("<QQQ", rights, 3 if outside and abi >= 4 else 0, 3 if outside and abi >= 6 else 0)
-    return _landlock(444, attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
-
-
-def _allow(ruleset, path, rights):
-    """Add the rule: `rights` below path (on a file, its file rights only). A path that does not exist is skipped."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            rights &= _FILE_RIGHTS
-        rule = struct.pack("<Qi", rights, fd)  # struct landlock_path_beneath_attr (packed)
-        _landlock(445, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0))  # 1: a path_beneath rule
-    finally:
-        os.close(fd)
-
-
-def _beneath(folder, refused):
-    """The rules, [(path, rights)], that let a program read everything below folder but the files below the refused
-    folders (no Landlock rule refuses: the folders between are allowed one entry at a time, and listed)."""
-    inside = [r for r in refused if _under(r, folder)]
-    if not inside:
-        return [(folder, _READ_FILE | _READ_DIR)]
-    if folder in inside:
-        return []
-    rules = [(folder, _READ_DIR)]  # the names below it, which Python's imports list, and not the refused files
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            path = os.path.realpath(entry.path)
-            if _under(path, folder):  # (a link out of it leads where another rule decides)
-                rules += _beneath(path, inside)
-    return rules
-
-
-def landlock_abi():
-    """The version of the kernel's Landlock interface (1 from Linux 5.13 on, each later one refuses more), or None
-    where the kernel has none: not Linux, Linux before 5.13, Landlock turned off, or refused by a container."""
-    if sys.platform != "linux":
-        return None
-    try:
-        return _landlock(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # 1: LANDLOCK_CREATE_RULESET_VERSION
-    except (OSError, AttributeError):  # ENOSYS, EOPNOTSUPP (built, but off), EPERM (a seccomp filter)
-        return None
-
-
-def kernel_rules(root):
-    """The runner's Landlock ruleset, to which each program process adds a layer of its own (_confine): read only
-    what `reader` allows and the sandbox's folder (and /proc: the kernel refuses the memory and open files of a
-    process outside the program's own), execute nothing, no TCP, no signal to a process outside. (its fd, the
-    kernel's Landlock ABI), or None where the kernel has no Landlock."""
-    abi = landlock_abi()
-    if abi is None:
-        return None
-    allowed, refused = _folders(root)
-    everything = _READ_FILE | _READ_DIR
-    ruleset = None
-    try:
-        ruleset = _ruleset(abi, _EXECUTE | _READ_FILE | _READ_DIR, outside=True)
-        for path, rights in {*(rule for folder in allowed for rule in _beneath(folder, refused)),
-                             (os.path.realpath(root), everything), ("/proc", everything)}:
-            _allow(ruleset, path, rights)
-    except OSError:  # a rule the kernel refuses (a file system it cannot watch, say): none rather than some
-        if ruleset is not None:
-            os.close(ruleset)
-        return None
-    return ruleset, abi
-
-
-def _confine(kernel, scratch):
-    """Put this program process under the runner's ruleset, then under a layer of its own: write, make, delete and
-    rename only below its scratch folder (and write /dev/null). Layers add up: each must allow an access."""
-    ruleset, abi = kernel
-    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: restrict_self asks it of one without CAP_SYS_ADMIN
-        raise OSError("Landlock: prctl(PR_SET_NO_NEW_PRIVS) failed")
-    _landlock(446, ctypes.c_int(ruleset), ctypes.c_uint32(0))
-    changes = _WRITE_FILE | _CHANGES | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
-    layer = _ruleset(abi, changes)
-    _allow(layer, scratch, changes)
-    _allow(layer, os.devnull, changes)
-    _landlock(446, ctypes.c_int(layer), ctypes.c_uint32(0))
-    os.close(layer)
 
 
 def _guard(scratch, readable):
@@ -300,7 +190,7 @@ def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, rules, runn
     """Runs in the forked child: isolate, limit, read one split (which the server writes into split_fd), predict, write
     the result to result_fd, exit. The result is one JSON line ({"error": text or null, "shape": [rows, classes]})
     and then the probabilities' bytes: nothing the runner or the server unpickles, and no reward (the server's).
-    rules: (reader's test, kernel_rules' ruleset or None)."""
+    rules: (reader's test, landlock.kernel_rules' ruleset or None)."""
     proba, error = None, None
     readable, kernel = rules
     try:
@@ -312,7 +202,7 @@ def _child(job, split_fd, scratch, result_fd, memory_mb, max_output, rules, runn
         os.dup2(out, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         if kernel:
-            _confine(kernel, scratch)  # from here on, the kernel's rules hold
+            landlock.confine(kernel, scratch)  # from here on, the kernel's rules hold
         with open(split_fd, "rb") as f:
             x_train, y_train, x_valid, n_classes = pickle.load(f)  # this split's, and no validation label
         os.closerange(3, result_fd)  # the pipes to the server and to the other programs: none is the program's
@@ -500,7 +390,7 @@ def runner(inp, out, ask, server, root):
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and the trainer's pipes are not the runner's
     os.dup2(2, 1)
     _warm_up()
-    rules = reader(root), kernel_rules(root)
+    rules = reader(root), landlock.kernel_rules(*_folders(root), root)
     if rules[1] is None and sys.platform == "linux":  # (on stderr, which is the trainer's)
         print("warning: this kernel does not confine the generated programs with Landlock (it needs Linux 5.13 or "
               "later, with Landlock on): Python's audit hook alone does, which a program's native code (ctypes) can "

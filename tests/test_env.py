@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 import env
 import execution
 import isolation
+import landlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -441,7 +442,7 @@ NATIVE_ROUTE = ("import ctypes, sklearn\nlibc = ctypes.CDLL(None)\n"  # scikit-l
                 "learn((data[:, :-1], 1 - data[:, -1].astype(int)))")
 
 
-@pytest.mark.skipif(not isolation.landlock_abi(), reason="the kernel has no Landlock (Linux 5.13+)")
+@pytest.mark.skipif(not landlock.version(), reason="the kernel has no Landlock (Linux 5.13+)")
 def test_native_code_meets_the_kernels_rules(sandbox, iris, tmp_path):
     # ctypes gets around the audit hook; where the kernel has Landlock, it refuses the same from native code. Without
     # it, this program (run as root) did all of it, and the cheat below scored 1.0
@@ -452,7 +453,7 @@ def test_native_code_meets_the_kernels_rules(sandbox, iris, tmp_path):
     program = NATIVE.replace("PROJECT_FILE", repr(os.path.join(ROOT, "env.py"))).replace(
         "TOY_DATASET", repr(toy)).replace("ESCAPE", repr(escape))
     reward, error = sandbox.run([body(program)], iris, timeout=10)[0]
-    abi = isolation.landlock_abi()  # the kernel's Landlock refuses TCP from ABI 4 (Linux 6.7), signals from 6 (6.12)
+    abi = landlock.version()  # the kernel's Landlock refuses TCP from ABI 4 (Linux 6.7), signals from 6 (6.12)
     older = [what for what, since in (("signal the runner", 6), ("connect over TCP", 4)) if abi < since]
     assert reward == -1.0 and error.endswith("native code could: " + (", ".join(older) or "nothing")), error
     assert not os.path.exists(escape)
@@ -463,7 +464,7 @@ def test_native_code_meets_the_kernels_rules(sandbox, iris, tmp_path):
 def test_without_landlock_the_sandbox_says_so_and_runs_on(tmp_path):
     # a kernel before Linux 5.13, or one with Landlock off: the audit hook alone confines the programs, and the user
     # is told once, at the sandbox's start
-    (tmp_path / "sitecustomize.py").write_text("import isolation\nisolation.landlock_abi = lambda: None\n")
+    (tmp_path / "sitecustomize.py").write_text("import landlock\nlandlock.version = lambda: None\n")
     script = ("import env, execution\nsb = execution.Sandbox(workers=1)\n"
               f"print(sb.run([{GOOD!r}, {body('open(' + repr(os.path.join(ROOT, 'env.py')) + ').read()')!r}], "
               "env.load_dataset('iris'), timeout=30))\nsb.close()\n")
