@@ -284,6 +284,17 @@ def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandb
         forged.close()
 
 
+def test_the_sandbox_rules_hash_every_file_of_the_sandbox(tmp_path, monkeypatch):
+    # RULES (in the reward cache's key) changes with each file whose code decides a program's score
+    assert execution._rules() == execution.RULES
+    for module in (execution, isolation, landlock):
+        edited = tmp_path / os.path.basename(module.__file__)
+        edited.write_bytes(open(module.__file__, "rb").read() + b"\n# one more line\n")
+        with monkeypatch.context() as m:
+            m.setattr(module, "__file__", str(edited))
+            assert execution._rules() != execution.RULES, module.__name__
+
+
 def test_execute_is_the_public_one_call_form(iris):
     reward, error = execution.execute(GOOD, iris, timeout=30)
     assert error is None and 0.9 < reward <= 1.0
