@@ -37,15 +37,15 @@ rules, which native code (ctypes, and multiprocessing's spawn and forkserver sta
 from C) gets around in the audit hook: each program process reads only the Python installation and the system's folders
 (not scikit-learn's toy datasets, the project's folder or home), writes only in its scratch folder, executes no file,
 and neither traces nor reads the memory and open files of a process outside its own, nor (from Linux 6.7) makes a TCP
-connection, nor (from 6.12) signals such a process (landlock.py). The trainer talks to
-the server through a pipe with a deadline and restarts it if it dies (or the runner does); a server whose trainer dies
-kills the runner, whose programs then die, removes their folders and exits at once. All three and the programs ignore
-SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a job signals
-every process in it). What remains open to native code, even under Landlock: UDP, leaving the process group with setsid
-(a process that then outlives the program, up to its CPU-time limit), and reading the other programs' scratch folders
-(which hold no label); without Landlock, as root, also reading the server's memory and writing into the runner's pipes,
-whose messages the server unpickles (for any other user the server and the runner are undumpable:
-isolation.keep_private). Run untrusted models in a container or VM if that matters to you.
+connection, nor (from 6.12) signals such a process (landlock.py). The trainer talks to the server through a pipe with a
+deadline and restarts it if it dies (or the runner does); a server whose trainer dies kills the runner, whose programs
+then die, removes their folders and exits at once. All three and the programs ignore SIGTERM, SIGINT and SIGUSR1, which
+the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). What remains open
+to native code, even under Landlock: UDP, leaving the process group with setsid (a process that then outlives the
+program, up to its CPU-time limit), and reading the other programs' scratch folders (which hold no label); without
+Landlock, as root, also reading the server's memory and writing into the runner's pipes, whose messages the server
+unpickles (for any other user the server and the runner are undumpable: isolation.keep_private). Run untrusted models in
+a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
