@@ -42,10 +42,11 @@ deadline and restarts it if it dies (or the runner does); a server whose trainer
 then die, removes their folders and exits at once. All three and the programs ignore SIGTERM, SIGINT and SIGUSR1, which
 the trainer answers by finishing its iteration (a cluster stopping a job signals every process in it). What remains open
 to native code, even under Landlock: UDP, leaving the process group with setsid (a process that then outlives the
-program, up to its CPU-time limit), and reading the other programs' scratch folders (which hold no label); without
-Landlock, as root, also reading the server's memory and writing into the runner's pipes, whose messages the server
-unpickles (for any other user the server and the runner are undumpable: isolation.keep_private). Run untrusted models in
-a container or VM if that matters to you.
+program, up to its CPU-time limit), reading the other programs' scratch folders (which hold no label), and on kernels
+before Linux 6.2 (Landlock ABI 1 and 2) truncating a file outside its folder by its path (landlock.py lists what each
+ABI leaves); without Landlock, as root, also reading the server's memory and writing into the runner's pipes, whose
+messages the server unpickles (for any other user the server and the runner are undumpable: isolation.keep_private). Run
+untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """

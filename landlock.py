@@ -9,6 +9,10 @@ reach the abstract Unix sockets of a process outside the program's own (ABI 6, L
 itself under that ruleset, then under a layer of its own that lets it write only in its scratch folder (confine).
 Four system calls through ctypes, no dependency. Where the kernel has no Landlock (older, turned off, refused by a
 container's seccomp filter, not Linux) version() is None, and the audit hook guards alone.
+
+What an older ABI leaves to native code: below ABI 3 (Linux 6.2) truncating any file the user may write by its path
+(truncate(2); opening it to write stays refused), below ABI 4 TCP, below ABI 6 signals to the processes outside; and on
+ABI 1 (Linux 5.13 to 5.18) a rename or link from one folder to another fails even inside the scratch folder.
 """
 
 import contextlib
