@@ -629,8 +629,11 @@ def _mid_batch(sb, source, data, depth):
     deadline = time.monotonic() + 30
     while True:
         chain = [sb.proc.pid] if sb.proc else []
-        while chain and len(chain) <= depth and _children(chain[-1]):
-            chain.append(_children(chain[-1])[0])
+        while chain and len(chain) <= depth:
+            children = _children(chain[-1])  # read once: a short-lived child (the server's probe of the memory
+            if not children:  # limit, at its start) may be gone by a second read; a chain that ends early is read again
+                break
+            chain.append(children[0])
         if len(chain) > depth:
             return thread, results, chain
         assert time.monotonic() < deadline and thread.is_alive(), results
