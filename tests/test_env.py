@@ -23,6 +23,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import threadpoolctl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -242,21 +243,25 @@ def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_clas
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # GOOD's LogisticRegression, refitted here
 def test_reward_equals_roc_auc_computed_directly(sandbox, iris):
-    bc = env.load_dataset("breast_cancer")
-    for d in (bc, iris):
-        aucs = []
-        for i in range(5):  # seed i for split i, 50/50, stratified
-            x_tr, x_va, y_tr, y_va = train_test_split(d.X, d.y, test_size=0.5, random_state=i, stratify=d.y)
-            proba = LogisticRegression(max_iter=1000).fit(x_tr, y_tr).predict_proba(x_va)
-            binary = proba.shape[1] == 2
-            aucs.append(roc_auc_score(y_va, proba[:, 1]) if binary else roc_auc_score(y_va, proba, multi_class="ovo"))
-        reward, error = sandbox.run([GOOD], d)[0]
-        assert error is None and reward == pytest.approx(np.mean(aucs), abs=1e-12)
-    # the held-out AUC is fit on the reward rows and scored on rows the reward never sees
-    heldout, error = sandbox.run([GOOD], bc, heldout=True)[0]
-    proba = LogisticRegression(max_iter=1000).fit(bc.X, bc.y).predict_proba(bc.X_test)
-    assert error is None and heldout == pytest.approx(roc_auc_score(bc.y_test, proba[:, 1]), abs=1e-12)
-    assert not any((bc.X_test[:, None] == bc.X[None]).all(-1).any(1))  # no held-out row is a reward row
+    # the fits here run on one BLAS thread, as the programs do: with OpenBLAS (numpy 1.26) a multi-threaded fit ended
+    # lbfgs elsewhere, and the held-out AUC below differed in the third decimal
+    with threadpoolctl.threadpool_limits(1):
+        bc = env.load_dataset("breast_cancer")
+        for d in (bc, iris):
+            aucs = []
+            for i in range(5):  # seed i for split i, 50/50, stratified
+                x_tr, x_va, y_tr, y_va = train_test_split(d.X, d.y, test_size=0.5, random_state=i, stratify=d.y)
+                proba = LogisticRegression(max_iter=1000).fit(x_tr, y_tr).predict_proba(x_va)
+                binary = proba.shape[1] == 2
+                aucs.append(roc_auc_score(y_va, proba[:, 1]) if binary
+                            else roc_auc_score(y_va, proba, multi_class="ovo"))
+            reward, error = sandbox.run([GOOD], d)[0]
+            assert error is None and reward == pytest.approx(np.mean(aucs), abs=1e-12)
+        # the held-out AUC is fit on the reward rows and scored on rows the reward never sees
+        heldout, error = sandbox.run([GOOD], bc, heldout=True)[0]
+        proba = LogisticRegression(max_iter=1000).fit(bc.X, bc.y).predict_proba(bc.X_test)
+        assert error is None and heldout == pytest.approx(roc_auc_score(bc.y_test, proba[:, 1]), abs=1e-12)
+        assert not any((bc.X_test[:, None] == bc.X[None]).all(-1).any(1))  # no held-out row is a reward row
 
 
 def test_a_reward_cached_under_other_limits_or_sandbox_rules_is_not_reused(sandbox, iris, monkeypatch):
