@@ -62,10 +62,14 @@ parser.add_argument("--numerics", default=None, help="a train.py checkpoint: its
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--workers", type=int, default=2, help="programs run in parallel (--env)")
+parser.add_argument("--max-rows", type=int, default=env.MAX_ROWS, help="rows kept of a larger dataset, 0 = all "
+                    "(--env, --sample; train.py's flag)")
 args = parser.parse_args()
 for name in ("batch", "prompt_len", "action_len", "iters", "workers", "samples"):  # one sentence, not a ZeroDivision
     if getattr(args, name) < 1:
         sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be positive")
+if args.max_rows < 0:
+    sys.exit(f"error: --max-rows {args.max_rows} must be 0 or more")
 fused_norm = not args.transformers_norm  # model.torch_rms_norm's fused RMSNorm, as train.py runs
 started = time.perf_counter()
 cuda = torch.cuda.is_available()
@@ -110,7 +114,7 @@ def timed(fn, iters):
 
 if args.env:  # ----------------------------------------------------------------------------------------------------
     with user_input():
-        dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache)
+        dataset = env.load_dataset(args.env, args.data_dir, args.openml_cache, args.max_rows)
     programs = [env.SIGNATURE + body for body in tiny.training_corpus()[:16]]  # varied, some broken, like a policy's
     sandbox = execution.Sandbox(workers=args.workers)
     t0 = time.perf_counter()
@@ -122,13 +126,14 @@ if args.env:  # ----------------------------------------------------------------
     warm = time.perf_counter() - t0
     sandbox.close()
     ok = sum(error is None for _, error in results)
-    print(f"| dataset | programs | runnable | workers | cold (s) | warm cache (s) |\n|---|---|---|---|---|---|\n"
-          f"| {dataset.name} | {len(programs)} | {ok} | {args.workers} | {cold:.2f} | {warm:.4f} |")
+    print(f"| dataset | rows | programs | runnable | workers | cold (s) | warm cache (s) |\n|---|---|---|---|---|---|---|\n"
+          f"| {dataset.name} | {len(dataset.y) + len(dataset.y_test)} | {len(programs)} | {ok} | {args.workers} | "
+          f"{cold:.2f} | {warm:.4f} |")
     raise SystemExit
 
 if args.sample:  # -------------------------------------------------------------------------------------------------
     with user_input():
-        dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache)
+        dataset = env.load_dataset(args.sample, args.data_dir, args.openml_cache, args.max_rows)
         t0 = time.perf_counter()
         lm = model.load(args.model or ("codellama/CodeLlama-7b-hf" if cuda else "tiny"), device=device,
                         fused_norm=fused_norm, adapters=())  # the reference samples: no adapters
@@ -166,7 +171,8 @@ if args.numerics:  # -----------------------------------------------------------
                  "train.py wrote")
     with user_input():
         lm32 = model.from_checkpoint(adapters, device, fused_norm=fused_norm)
-        dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache)
+        dataset = env.load_dataset(config["dataset"], args.data_dir, args.openml_cache,
+                                   config.get("max_rows", env.MAX_ROWS))
     lm32.hf.float()
     lm16 = copy.deepcopy(lm32)
     lm16.hf.to(torch.bfloat16)

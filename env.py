@@ -41,7 +41,7 @@ KAGGLE = {  # name: (file in data_dir/name/, target column, columns to drop: row
     "spaceship_titanic": ("spaceship_titanic.csv", "Transported", ["PassengerId", "Name"]),
 }
 SKLEARN = ("breast_cancer", "wine", "iris", "digits")
-MAX_ROWS, HELDOUT, SEED = 2000, 0.2, 0
+MAX_ROWS, HELDOUT, SEED = 2000, 0.2, 0  # CAAFE's cap on rows (train.py --max-rows; 0 = every row)
 MIN_CLASS_ROWS = 4  # rows a class needs: 2 left after the 20% held out, one per side of each stratified 50/50 split
 #                    (with a margin; the rarest class of the paper's datasets, in balance_scale, has 4)
 SIGNATURE = "def build_model(x_train, y_train):\n"
@@ -59,7 +59,8 @@ class Dataset:
     y: np.ndarray  # (n,) int64 labels 0..K-1
     X_test: np.ndarray  # held-out rows, never used for the reward
     y_test: np.ndarray
-    description: str
+    description: str  # what the prompt says of the data
+    summary: str = ""  # one line for the user: the rows kept of those read, features, classes, the split
 
     @functools.cached_property
     def key(self):
@@ -112,8 +113,9 @@ def read_csv(path):
                          "commas, semicolons or tabs, whose first line names them") from None
 
 
-def load_dataset(name, data_dir=None, openml_cache=None):
-    """A prepared Dataset by name (see dataset_names()), or from a CSV file given as `path.csv` or `path.csv:target`."""
+def load_dataset(name, data_dir=None, openml_cache=None, max_rows=MAX_ROWS):
+    """A prepared Dataset by name (see dataset_names()), or from a CSV file given as `path.csv` or `path.csv:target`;
+    at most max_rows rows of it (a shuffled sample; 0 = all)."""
     data_dir = data_dir or "data"
     if name in OPENML_IDS:
         (df, target), source = _openml_frame(name, openml_cache), f"OpenML dataset {OPENML_IDS[name]}"
@@ -145,7 +147,7 @@ def load_dataset(name, data_dir=None, openml_cache=None):
     else:
         names = ", ".join(dataset_names())
         raise ValueError(f"unknown dataset '{name}'; choose one of {names}, or a path.csv[:target]")
-    return prepare(name, df, target, source)
+    return prepare(name, df, target, source, max_rows)
 
 
 def _openml_frame(name, openml_cache):
@@ -193,13 +195,15 @@ def reachable(url, timeout=3.0):
         return False
 
 
-def prepare(name, df, target, source):
-    """CAAFE's preparation: shuffle (seed 0), keep a fraction of a few sets, at most 2000 rows, integer codes for
-    categories and labels, imputed missing values; then hold out 20% of the rows (stratified, seed 0)."""
+def prepare(name, df, target, source, max_rows=MAX_ROWS):
+    """CAAFE's preparation: shuffle (seed 0), keep a fraction of a few sets, at most max_rows rows (CAAFE's 2000; 0
+    = all), integer codes for categories and labels, imputed missing values; then hold out 20% of the rows
+    (stratified, seed 0)."""
     from sklearn.model_selection import train_test_split
 
     df = df[df[target].notna()]  # a row without a label cannot be scored (else "nan" would become a class)
-    df = df.sample(frac=KEEP_FRACTION.get(name, 1.0), random_state=SEED).iloc[:MAX_ROWS].reset_index(drop=True)
+    labelled, fraction = len(df), KEEP_FRACTION.get(name, 1.0)
+    df = df.sample(frac=fraction, random_state=SEED).iloc[:max_rows or None].reset_index(drop=True)
     labels_column = df[target]
     if labels_column.dtype.kind == "f" and (labels_column == labels_column.round()).all():
         labels_column = labels_column.astype(np.int64)  # a CSV with missing labels reads 0/1 as 0.0/1.0
@@ -249,7 +253,12 @@ def prepare(name, df, target, source):
                    + ".\n# Features (columns of x_train, a float numpy array; y_train holds integer labels):\n"
                    + "\n".join(lines[:40]) + ("\n#   ..." if len(lines) > 40 else "")
                    + (f"\n# Left out, empty in every row: {', '.join(empty)}." if empty else ""))
-    return Dataset(name, X, y, X_test, y_test, description)
+    why = [f"CAAFE keeps {fraction:.0%} of this set"] * (fraction < 1) + [f"at most --max-rows {max_rows}"] * (
+        0 < max_rows < round(labelled * fraction))
+    rows = f"{len(df)} of its {labelled} labelled rows (shuffled, {'; '.join(why)})" if why else f"{len(df)} rows"
+    summary = (f"{name}, {source}: {rows}, {X.shape[1]} features, {len(labels)} classes; {len(y)} rows for the "
+               f"reward's splits, {len(y_test)} held out")
+    return Dataset(name, X, y, X_test, y_test, description, summary)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ parser.add_argument("--top-k", type=int, default=None, help="default: the run's 
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's (tiny 128, else 256)")
 parser.add_argument("--data-dir", default="data", help="folder with the Kaggle datasets")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder")
+parser.add_argument("--max-rows", type=int, default=None, help="rows kept of a larger dataset, 0 = all (default: "
+                    "those the --runs or the --ckpt's run trained on, else CAAFE's 2000)")
 parser.add_argument("--device", default=None, help="cuda or cpu")
 parser.add_argument("--out", default="eval", help="folder for table.md, results.csv and the other outputs")
 parser.add_argument("--perplexity", default=None, help="a text file: perplexity of the reference and the policy")
@@ -152,11 +154,12 @@ def training_run(run, sandbox, args):
         rows = [row for row in read_log(run, "metrics.jsonl") if row["it"] < ckpt["it"]]
     except Exception as e:  # a missing or foreign folder gets the same answer
         sys.exit(f"error: {run} is not a run folder of train.py ({type(e).__name__}); pass the --out of a run")
-    dataset = load_dataset(config["dataset"], args)
+    max_rows = config.get("max_rows", env.MAX_ROWS)  # (runs saved before --max-rows had CAAFE's)
+    dataset = load_dataset(config["dataset"], args, max_rows)
     starts = [0] + [row["env_steps"] for row in rows[:-1]]  # the environment step each iteration began after
     last = [row for row, start in zip(rows, starts) if start >= state["env_steps"] - LAST_STEPS] or rows[-1:]
     return {"dataset": dataset.name, "method": config["algo"], "seed": config["seed"], "best": state["best_reward"],
-            "dataset_flag": config["dataset"],  # what loads it again: a CSV run's is its path, not its name
+            "dataset_flag": config["dataset"], "max_rows": max_rows,  # what loads it again (a CSV's path)
             "model": config.get("model"),  # the base model, whose untrained self is the Reflection column
             "heldout": heldout_auc(sandbox, state["best_code"], dataset),
             "success": float(np.mean([row["env/success_rate"] for row in rows])),
@@ -170,9 +173,9 @@ def heldout_auc(sandbox, code, dataset):
     return float("nan") if code is None else sandbox.run([code], dataset, heldout=True)[0][0]
 
 
-def load_dataset(name, args):
+def load_dataset(name, args, max_rows):
     try:
-        return env.load_dataset(name, args.data_dir, args.openml_cache)
+        return env.load_dataset(name, args.data_dir, args.openml_cache, max_rows)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -369,7 +372,7 @@ def check_arguments(args):
     """Values, files and folders named on the command line are checked now, not after an hour of evaluation: one
     sentence each. Returns the text of --perplexity (None without it)."""
     for names, least, rule in ((("seeds", "steps", "n_envs", "max_new_tokens"), 1, "must be positive"),
-                               (("temperature", "top_k"), 0, "must be 0 or more")):  # one sentence, not a traceback
+                               (("temperature", "top_k", "max_rows"), 0, "must be 0 or more")):  # one sentence, not a traceback
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")
@@ -467,6 +470,15 @@ def main():
     if len({(r["dataset"], r["method"], r["seed"]) for r in results}) < len(results):
         sys.exit("error: two of the --runs are the same method on the same dataset with the same seed; pass one of "
                  "them (a cell of the table is the mean over seeds of one method)")
+    # the rows of each dataset: those its runs trained on (a table compares methods on the same rows), else --max-rows
+    rows_of = {}
+    for r in results:
+        if rows_of.setdefault(r["dataset_flag"], r["max_rows"]) != r["max_rows"]:
+            sys.exit(f"error: the --runs on {r['dataset']} trained with --max-rows {rows_of[r['dataset_flag']]} and "
+                     f"{r['max_rows']}, and a table compares methods on the same rows: pass runs of one --max-rows")
+        if args.max_rows not in (None, r["max_rows"]):
+            sys.exit(f"error: --max-rows {args.max_rows} differs from the {r['max_rows']} that the --runs on "
+                     f"{r['dataset']} trained with, and a table compares methods on the same rows: drop the flag")
     run_models = sorted({r["model"] for r in results if r["model"]})
     lm, config = load_policy(args, run_models) if policies or args.perplexity or args.credit else (None, {})
     if args.credit and "q" not in lm.names:  # a PPO-KL checkpoint
@@ -475,7 +487,11 @@ def main():
     budgets = "/".join(str(n) for n in sorted({r["steps"] for r in results}))  # environment steps of the runs
     methods = policies + trained_methods + list(BASELINES)
     default = ",".join(dict.fromkeys(r["dataset_flag"] for r in results)) or config.get("dataset", "cmc")
-    datasets = [load_dataset(name, args) for name in (args.datasets or default).split(",")]  # all, before any runs
+    max_rows = args.max_rows if args.max_rows is not None else config.get("max_rows", env.MAX_ROWS)
+    datasets = [load_dataset(name, args, rows_of.get(name, max_rows))
+                for name in (args.datasets or default).split(",")]  # all, before any runs
+    for dataset in datasets:
+        print("data:", dataset.summary)
     stopped = evaluate(lm, policies, datasets, sandbox, args, results)
     sandbox.close()
     if stopped and not results:

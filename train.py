@@ -54,6 +54,8 @@ parser = argparse.ArgumentParser(description="ETPO: train an LLM to write scikit
 parser.add_argument("--dataset", default="cmc", help=f"one of {', '.join(env.dataset_names())}, or path.csv[:target]")
 parser.add_argument("--data-dir", default="data", help="folder with one sub-folder per Kaggle dataset")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder (sets OPENML_CACHE_DIR)")
+parser.add_argument("--max-rows", type=int, default=env.MAX_ROWS, help="rows kept of a larger dataset, a shuffled "
+                    "sample (CAAFE's 2000, as in the paper); 0 = every row (a program then fits on more: see --timeout)")
 parser.add_argument("--n-envs", type=int, default=None, help="parallel episodes N (paper 8)")
 parser.add_argument("--episode-steps", type=int, default=5, help="step limit of an episode (paper 5)")
 parser.add_argument("--timeout", type=float, default=60.0, help="seconds one program may run")
@@ -139,6 +141,7 @@ if checkpoint is not None:
             "checkpointing", "micro_batch", "cuda_graph"}  # how to run, not what: these may change when a run continues
     saved.setdefault("conservative", 0.0)  # runs saved before the flag existed had no penalty
     saved.setdefault("optimizer", "adamw")  # and trained with AdamW
+    saved.setdefault("max_rows", env.MAX_ROWS)  # and on at most CAAFE's 2000 rows
     for key in sorted(given - keep):  # a flag that would be silently overridden by the saved value
         if key in saved and getattr(args, key) != saved[key]:
             fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the {saved[key]} this run started "
@@ -151,8 +154,8 @@ checks = [  # a value out of range ends here with one sentence, not with a divis
     (("n_envs", "episode_steps", "rollout_steps", "max_new_tokens", "lora_rank", "q_steps", "ppo_epochs", "minibatches",
       "save_every", "workers", "beta", "lr", "timeout", "huber_delta"), lambda v: v > 0, "must be positive"),
     (("gamma", "tau", "lam", "gae_lambda", "clip"), lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-    (("temperature", "top_k", "conservative", "grad_clip", "sample_every", "micro_batch"), lambda v: v >= 0,
-     "must be 0 or more")]
+    (("temperature", "top_k", "conservative", "grad_clip", "sample_every", "micro_batch", "max_rows"),
+     lambda v: v >= 0, "must be 0 or more")]
 for names, ok, rule in checks:
     for name in names:
         if getattr(args, name) is not None and not ok(getattr(args, name)):  # None: the default (all usable cores, MSE)
@@ -184,9 +187,10 @@ random.seed(args.seed)
 np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 try:
-    dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache)
+    dataset = env.load_dataset(args.dataset, args.data_dir, args.openml_cache, args.max_rows)
 except (ValueError, OSError, RuntimeError) as e:
     fail(str(e))
+print("data:", dataset.summary)
 folder.lock()  # before the model loads, too
 try:
     if args.model == "codellama-7b-arch":  # bench.py's preset: it would fail at the first prompt, after a 7B build

@@ -99,6 +99,7 @@ def test_every_local_dataset_loads_offline_with_the_expected_shape(name, openml_
     assert set(np.unique(np.concatenate([d.y, d.y_test]))) == set(range(classes))
     assert len(d.X_test) == int(np.ceil(n * env.HELDOUT)) and np.isfinite(d.X).all() and np.isfinite(d.X_test).all()
     assert name in d.description and "Features" in d.description
+    assert (f"of its {rows} labelled rows (shuffled, CAAFE keeps" in d.summary) == (name in env.KEEP_FRACTION)
 
 
 def test_user_errors_are_one_clear_sentence(tmp_path, no_network):
@@ -214,6 +215,23 @@ def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left
     path.write_text("empty,label\n" + "\n".join(f",{i % 2}" for i in range(40)))
     with pytest.raises(ValueError, match="has no column besides the target 'label' that holds a value .empty are"):
         env.load_dataset(f"{path}:label")
+
+
+def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_says_so(tmp_path):
+    # CAAFE's preparation keeps at most 2000 rows, a shuffled sample; max_rows (train.py --max-rows) moves the cap,
+    # 0 keeps every row
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(["id,x,label"] + [f"{i},{i % 7},{i % 2}" for i in range(2500)]))
+    capped, every, few = (env.load_dataset(f"{path}:label", max_rows=m) for m in (env.MAX_ROWS, 0, 100))
+    ids = [set(np.concatenate([d.X, d.X_test])[:, 0].astype(int)) for d in (capped, every, few)]  # the rows kept
+    assert len(ids[0]) == 2000 and ids[1] == set(range(2500)) and len(ids[2]) == 100
+    assert ids[2] < ids[0] and ids[0] != set(range(2000))  # one shuffle, whose first rows a smaller cap keeps
+    assert capped.summary == ("big, CSV file: 2000 of its 2500 labelled rows (shuffled, at most --max-rows 2000), 2 "
+                              "features, 2 classes; 1600 rows for the reward's splits, 400 held out")
+    assert every.summary.startswith("big, CSV file: 2500 rows, 2 features") and "2500 rows" in every.description
+    assert "2000 rows" in capped.description  # what the prompt tells the model
+    assert env.load_dataset("iris").summary == ("iris, scikit-learn: 150 rows, 4 features, 3 classes; 120 rows for "
+                                                "the reward's splits, 30 held out")
 
 
 def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_class_scores(tmp_path, sandbox):

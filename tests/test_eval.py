@@ -104,8 +104,8 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     x = np.random.default_rng(0).normal(size=(60, 2))  # a run on a CSV: its name (mine) is not what loads it again
     (tmp_path / "mine.csv").write_text("\n".join(["a,b,label"] + [f"{u},{v},{int(u > 0)}" for u, v in x]))
     (tmp_path / "run").mkdir()
-    torch.save({"config": {"dataset": str(tmp_path / "mine.csv:label"), "algo": "etpo", "seed": 0}, "it": 1,
-                "env": {"best_reward": 0.9, "best_code": None, "env_steps": 4}}, tmp_path / "run" / "ckpt.pt")
+    torch.save({"config": {"dataset": str(tmp_path / "mine.csv:label"), "algo": "etpo", "seed": 0, "max_rows": 40},
+                "it": 1, "env": {"best_reward": 0.9, "best_code": None, "env_steps": 4}}, tmp_path / "run" / "ckpt.pt")
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"it": 0, "env_steps": 4, "env/success_rate": 0.5,
                                                                 "env/first_try_reward": 0.1}) + "\n")
     small = ["--seeds", "1", "--steps", "4", "--n-envs", "4", "--max-new-tokens", "32"]
@@ -114,6 +114,12 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     assert r.returncode == 0, r.stderr[-2000:]
     best = (tmp_path / "e1" / "table.md").read_text().split("\n\n")[0].splitlines()
     assert best[1].startswith("| dataset | reference | etpo |") and best[3].startswith("| mine | ")
+    # the reference runs on the rows the run trained on (train.py --max-rows), and says so
+    assert "data: mine, CSV file: 40 of its 60 labelled rows (shuffled, at most --max-rows 40), 2 features" in r.stdout
+    r = run("eval.py", "--runs", str(tmp_path / "run"), "--max-rows", "50", "--out", str(tmp_path / "e3"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: --max-rows 50 differs from the 40 that the --runs on mine trained with, and a table compares methods "
+        "on the same rows: drop the flag")
     assert (tmp_path / "e1" / "credit.html").exists()
     r = run("eval.py", "--ckpt", ckpt, "--policies", "trained", *small, "--out", str(tmp_path / "e2"))  # cmc before
     assert r.returncode == 0, r.stderr[-2000:]

@@ -71,6 +71,8 @@ def test_smoke_run_writes_metrics_checkpoint_and_moves_the_adapters(tmp_path):
     r = train(*TINY, "--n-envs", "8", "--steps", "16", "--out", out,
               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), ROOT]), "SYNC_LOG": str(log)})
     assert r.returncode == 0, r.stderr[-2000:]
+    assert ("data: iris, scikit-learn: 150 rows, 4 features, 3 classes; 120 rows for the reward's splits, 30 held out"
+            in r.stdout)  # what the run trains on, said before it starts
     rows = metrics(out)
     assert [m["it"] for m in rows] == [0, 1] and rows[-1]["env_steps"] == 16
     for key in ("it", "env_steps", "env/reward_mean", "env/success_rate", "env/auc_best", "loss/q", "loss/pi",
@@ -191,6 +193,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
         f"error: {half} has run its 4 iterations (32 environment steps) already: to train on, pass a larger --steps "
         "with --resume")
+    ckpt = torch.load(os.path.join(half, "ckpt.pt"), weights_only=False)
+    del ckpt["config"]["max_rows"]  # a run saved before --max-rows existed trained on at most CAAFE's 2000 rows
+    torch.save(ckpt, os.path.join(half, "ckpt.pt"))
+    r = train("--resume", "--out", half, "--max-rows", "100", timeout=120)
+    assert r.returncode != 0 and "error: --max-rows 100 differs from the 2000 this run started with" in r.stderr
 
 
 def test_a_run_saved_on_another_kind_of_device_resumes_with_a_warning(ckpt, tmp_path):
