@@ -220,7 +220,7 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
                          f"than {MIN_CLASS_ROWS} rows (e.g. {rare[0]!r}): each of the reward's 50/50 splits needs "
                          "every class on both sides; drop or merge those rows"
                          + (" (is it a regression target?)" if len(rare) > len(labels) / 2 else ""))
-    columns, lines, empty = [], [], []
+    columns, lines, empty, unique = [], [], [], []
     for col in (c for c in df.columns if c != target):
         s, i, infinite = df[col], len(columns), 0
         if s.dtype.kind in "biuf":  # an infinity (a ratio over zero, say) is missing too: no classifier takes one
@@ -228,6 +228,8 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
             infinite = int(np.isinf(s).sum())
             s = s.replace([np.inf, -np.inf], np.nan)
         missing = int(s.isna().sum())
+        if len(df) >= 20 and s.nunique() == len(df) and (s.dtype.kind != "f" or (s == s.round()).all()):
+            unique.append(str(col))  # a whole number or a text of its own in every row: a row id, or a name?
         if missing == len(df):  # no value in any row: nothing to learn from (and no median to fill in)
             empty.append(str(col))
         elif s.dtype.kind == "f":
@@ -258,6 +260,10 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
     rows = f"{len(df)} of its {labelled} labelled rows (shuffled, {'; '.join(why)})" if why else f"{len(df)} rows"
     summary = (f"{name}, {source}: {rows}, {X.shape[1]} features, {len(labels)} classes; {len(y)} rows for the "
                f"reward's splits, {len(y_test)} held out")
+    if unique:  # in a file sorted by its target, a row number alone scores a ROC AUC near 1
+        summary += (f"\nwarning: {', '.join(unique)} {'holds' if len(unique) == 1 else 'hold'} another whole number or "
+                    "text in every row: if a row id or a name, drop it from the file, or programs may learn the rows' "
+                    "order instead of the task")
     return Dataset(name, X, y, X_test, y_test, description, summary)
 
 

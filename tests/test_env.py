@@ -100,6 +100,7 @@ def test_every_local_dataset_loads_offline_with_the_expected_shape(name, openml_
     assert len(d.X_test) == int(np.ceil(n * env.HELDOUT)) and np.isfinite(d.X).all() and np.isfinite(d.X_test).all()
     assert name in d.description and "Features" in d.description
     assert (f"of its {rows} labelled rows (shuffled, CAAFE keeps" in d.summary) == (name in env.KEEP_FRACTION)
+    assert "warning" not in d.summary  # no column of the paper's datasets is a row id
 
 
 def test_user_errors_are_one_clear_sentence(tmp_path, no_network):
@@ -217,7 +218,7 @@ def test_missing_values_are_filled_as_the_prompt_says_and_empty_columns_are_left
         env.load_dataset(f"{path}:label")
 
 
-def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_says_so(tmp_path):
+def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_a_row_id_is_warned_of(tmp_path, sandbox):
     # CAAFE's preparation keeps at most 2000 rows, a shuffled sample; max_rows (train.py --max-rows) moves the cap,
     # 0 keeps every row
     path = tmp_path / "big.csv"
@@ -226,12 +227,28 @@ def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_says_so(tmp_path):
     ids = [set(np.concatenate([d.X, d.X_test])[:, 0].astype(int)) for d in (capped, every, few)]  # the rows kept
     assert len(ids[0]) == 2000 and ids[1] == set(range(2500)) and len(ids[2]) == 100
     assert ids[2] < ids[0] and ids[0] != set(range(2000))  # one shuffle, whose first rows a smaller cap keeps
-    assert capped.summary == ("big, CSV file: 2000 of its 2500 labelled rows (shuffled, at most --max-rows 2000), 2 "
-                              "features, 2 classes; 1600 rows for the reward's splits, 400 held out")
+    assert capped.summary.startswith("big, CSV file: 2000 of its 2500 labelled rows (shuffled, at most --max-rows "
+                                     "2000), 2 features, 2 classes; 1600 rows for the reward's splits, 400 held out\n")
     assert every.summary.startswith("big, CSV file: 2500 rows, 2 features") and "2500 rows" in every.description
     assert "2000 rows" in capped.description  # what the prompt tells the model
     assert env.load_dataset("iris").summary == ("iris, scikit-learn: 150 rows, 4 features, 3 classes; 120 rows for "
-                                                "the reward's splits, 30 held out")
+                                                "the reward's splits, 30 held out")  # and no warning
+    # a file sorted by its target, with a row number and a name in each row: a row number alone scores an AUC near 1,
+    # so the summary warns of both; in the file above, of its id alone (x repeats)
+    assert capped.summary.endswith("\nwarning: id holds another whole number or text in every row: if a row id or a "
+                                   "name, drop it from the file, or programs may learn the rows' order instead of the "
+                                   "task")
+    path.write_text("\n".join(["id,x,name,label"] + [f"{i},{i % 7 / 2},p{i},{int(i >= 100)}" for i in range(200)]))
+    sorted_file = env.load_dataset(f"{path}:label")
+    assert "\nwarning: id, name hold another" in sorted_file.summary
+    row_number = env.SIGNATURE + (  # a decision stump that sees column 0 alone
+        "    from sklearn.tree import DecisionTreeClassifier\n"
+        "    stump = DecisionTreeClassifier(max_depth=1).fit(x_train[:, :1], y_train)\n"
+        "    class RowNumber:\n"
+        "        def predict_proba(self, x):\n"
+        "            return stump.predict_proba(x[:, :1])\n"
+        "    return RowNumber()\n")
+    assert sandbox.run([row_number], sorted_file)[0][0] > 0.95
 
 
 def test_a_target_the_reward_cannot_score_is_refused_and_the_rarest_allowed_class_scores(tmp_path, sandbox):
