@@ -228,8 +228,9 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
             infinite = int(np.isinf(s).sum())
             s = s.replace([np.inf, -np.inf], np.nan)
         missing = int(s.isna().sum())
+        # a whole number or a text of its own in every row: a row id, or a name? (in a file of a few rows, by chance)
         if len(df) >= 20 and s.nunique() == len(df) and (s.dtype.kind != "f" or (s == s.round()).all()):
-            unique.append(str(col))  # a whole number or a text of its own in every row: a row id, or a name?
+            unique.append(str(col))
         if missing == len(df):  # no value in any row: nothing to learn from (and no median to fill in)
             empty.append(str(col))
         elif s.dtype.kind == "f":

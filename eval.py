@@ -372,7 +372,7 @@ def check_arguments(args):
     """Values, files and folders named on the command line are checked now, not after an hour of evaluation: one
     sentence each. Returns the text of --perplexity (None without it)."""
     for names, least, rule in ((("seeds", "steps", "n_envs", "max_new_tokens"), 1, "must be positive"),
-                               (("temperature", "top_k", "max_rows"), 0, "must be 0 or more")):  # one sentence, not a traceback
+                               (("temperature", "top_k", "max_rows"), 0, "must be 0 or more")):  # not a traceback
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < least:  # None: the run's own value
                 sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} {rule}")

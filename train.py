@@ -55,7 +55,7 @@ parser.add_argument("--dataset", default="cmc", help=f"one of {', '.join(env.dat
 parser.add_argument("--data-dir", default="data", help="folder with one sub-folder per Kaggle dataset")
 parser.add_argument("--openml-cache", default=None, help="openml cache folder (sets OPENML_CACHE_DIR)")
 parser.add_argument("--max-rows", type=int, default=env.MAX_ROWS, help="rows kept of a larger dataset, a shuffled "
-                    "sample (CAAFE's 2000, as in the paper); 0 = every row (a program then fits on more: see --timeout)")
+                    "sample (CAAFE's 2000, as in the paper); 0 = every row (programs then fit longer: see --timeout)")
 parser.add_argument("--n-envs", type=int, default=None, help="parallel episodes N (paper 8)")
 parser.add_argument("--episode-steps", type=int, default=5, help="step limit of an episode (paper 5)")
 parser.add_argument("--timeout", type=float, default=60.0, help="seconds one program may run")
