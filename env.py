@@ -259,8 +259,9 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
     why = [f"CAAFE keeps {fraction:.0%} of this set"] * (fraction < 1) + [f"at most --max-rows {max_rows}"] * (
         0 < max_rows < round(labelled * fraction))
     rows = f"{len(df)} of its {labelled} labelled rows (shuffled, {'; '.join(why)})" if why else f"{len(df)} rows"
-    summary = (f"{name}, {source}: {rows}, {X.shape[1]} features, {len(labels)} classes; {len(y)} rows for the "
-               f"reward's splits, {len(y_test)} held out")
+    listed = " (the prompt lists the first 40)" if len(lines) > 40 else ""
+    summary = (f"{name}, {source}: {rows}, {X.shape[1]} features{listed}, {len(labels)} classes; {len(y)} rows for "
+               f"the reward's splits, {len(y_test)} held out")
     if unique:  # in a file sorted by its target, a row number alone scores a ROC AUC near 1
         summary += (f"\nwarning: {', '.join(unique)} {'holds' if len(unique) == 1 else 'hold'} another whole number or "
                     "text in every row: if a row id or a name, drop it from the file, or programs may learn the rows' "

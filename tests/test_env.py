@@ -233,6 +233,7 @@ def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_a_row_id_is_warned_o
     assert "2000 rows" in capped.description  # what the prompt tells the model
     assert env.load_dataset("iris").summary == ("iris, scikit-learn: 150 rows, 4 features, 3 classes; 120 rows for "
                                                 "the reward's splits, 30 held out")  # and no warning
+    assert "64 features (the prompt lists the first 40), 10 classes" in env.load_dataset("digits").summary
     # a file sorted by its target, with a row number and a name in each row: a row number alone scores an AUC near 1,
     # so the summary warns of both; in the file above, of its id alone (x repeats)
     assert capped.summary.endswith("\nwarning: id holds another whole number or text in every row: if a row id or a "
