@@ -17,6 +17,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,14 @@ def test_the_datasets_default_to_those_of_the_runs_and_of_the_checkpoint(ckpt, t
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
         "error: --max-rows 50 differs from the 40 that the --runs on mine trained with, and a table compares methods "
         "on the same rows: drop the flag")
+    other = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)  # another seed, on every row
+    other["config"].update(seed=1, max_rows=0)
+    shutil.copytree(tmp_path / "run", tmp_path / "other")
+    torch.save(other, tmp_path / "other" / "ckpt.pt")
+    r = run("eval.py", "--runs", f"{tmp_path / 'run'},{tmp_path / 'other'}", "--out", str(tmp_path / "e3"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: the --runs on mine trained with --max-rows 40 and 0, and a table compares methods on the same rows: "
+        "pass runs of one --max-rows")
     assert (tmp_path / "e1" / "credit.html").exists()
     r = run("eval.py", "--ckpt", ckpt, "--policies", "trained", *small, "--out", str(tmp_path / "e2"))  # cmc before
     assert r.returncode == 0, r.stderr[-2000:]
