@@ -263,9 +263,9 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
     summary = (f"{name}, {source}: {rows}, {X.shape[1]} features{listed}, {len(labels)} classes; {len(y)} rows for "
                f"the reward's splits, {len(y_test)} held out")
     if unique:  # in a file sorted by its target, a row number alone scores a ROC AUC near 1
-        summary += (f"\nwarning: {', '.join(unique)} {'holds' if len(unique) == 1 else 'hold'} another whole number or "
-                    "text in every row: if a row id or a name, drop it from the file, or programs may learn the rows' "
-                    "order instead of the task")
+        summary += (f"\nwarning: {', '.join(unique)} {'holds' if len(unique) == 1 else 'hold'} a different whole "
+                    "number or text in each row: if a row id or a name, drop it from the file, or programs may learn "
+                    "the rows' order instead of the task")
     return Dataset(name, X, y, X_test, y_test, description, summary)
 
 

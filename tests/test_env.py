@@ -236,12 +236,12 @@ def test_a_larger_dataset_keeps_max_rows_of_one_shuffle_and_a_row_id_is_warned_o
     assert "64 features (the prompt lists the first 40), 10 classes" in env.load_dataset("digits").summary
     # a file sorted by its target, with a row number and a name in each row: a row number alone scores an AUC near 1,
     # so the summary warns of both; in the file above, of its id alone (x repeats)
-    assert capped.summary.endswith("\nwarning: id holds another whole number or text in every row: if a row id or a "
-                                   "name, drop it from the file, or programs may learn the rows' order instead of the "
-                                   "task")
+    assert capped.summary.endswith("\nwarning: id holds a different whole number or text in each row: if a row id or "
+                                   "a name, drop it from the file, or programs may learn the rows' order instead of "
+                                   "the task")
     path.write_text("\n".join(["id,x,name,label"] + [f"{i},{i % 7 / 2},p{i},{int(i >= 100)}" for i in range(200)]))
     sorted_file = env.load_dataset(f"{path}:label")
-    assert "\nwarning: id, name hold another" in sorted_file.summary
+    assert "\nwarning: id, name hold a different whole number" in sorted_file.summary
     row_number = env.SIGNATURE + (  # a decision stump that sees column 0 alone
         "    from sklearn.tree import DecisionTreeClassifier\n"
         "    stump = DecisionTreeClassifier(max_depth=1).fit(x_train[:, :1], y_train)\n"
