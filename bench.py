@@ -126,8 +126,8 @@ if args.env:  # ----------------------------------------------------------------
     warm = time.perf_counter() - t0
     sandbox.close()
     ok = sum(error is None for _, error in results)
-    print("| dataset | rows | programs | runnable | workers | cold (s) | warm cache (s) |\n" + "|---" * 7 + "|\n"
-          f"| {dataset.name} | {len(dataset.y) + len(dataset.y_test)} | {len(programs)} | {ok} | {args.workers} | "
+    print("| dataset | rows | programs | runnable | workers | cold (s) | warm cache (s) |\n" + "|---" * 7 + "|")
+    print(f"| {dataset.name} | {len(dataset.y) + len(dataset.y_test)} | {len(programs)} | {ok} | {args.workers} | "
           f"{cold:.2f} | {warm:.4f} |")
     raise SystemExit
 

@@ -42,6 +42,7 @@ KAGGLE = {  # name: (file in data_dir/name/, target column, columns to drop: row
 }
 SKLEARN = ("breast_cancer", "wine", "iris", "digits")
 MAX_ROWS, HELDOUT, SEED = 2000, 0.2, 0  # CAAFE's cap on rows (train.py --max-rows; 0 = every row)
+LISTED_FEATURES = 40  # columns the prompt describes, one line each; x_train holds every one
 MIN_CLASS_ROWS = 4  # rows a class needs: 2 left after the 20% held out, one per side of each stratified 50/50 split
 #                    (with a margin; the rarest class of the paper's datasets, in balance_scale, has 4)
 SIGNATURE = "def build_model(x_train, y_train):\n"
@@ -60,7 +61,7 @@ class Dataset:
     X_test: np.ndarray  # held-out rows, never used for the reward
     y_test: np.ndarray
     description: str  # what the prompt says of the data
-    summary: str = ""  # one line for the user: the rows kept of those read, features, classes, the split
+    summary: str  # one line for the user: the rows kept of those read, features, classes, the split
 
     @functools.cached_property
     def key(self):
@@ -202,8 +203,10 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
     from sklearn.model_selection import train_test_split
 
     df = df[df[target].notna()]  # a row without a label cannot be scored (else "nan" would become a class)
-    labelled, fraction = len(df), KEEP_FRACTION.get(name, 1.0)
-    df = df.sample(frac=fraction, random_state=SEED).iloc[:max_rows or None].reset_index(drop=True)
+    fraction = KEEP_FRACTION.get(name, 1.0)
+    sampled = df.sample(frac=fraction, random_state=SEED)
+    labelled, capped = len(df), 0 < max_rows < len(sampled)  # for the summary
+    df = sampled.iloc[:max_rows or None].reset_index(drop=True)
     labels_column = df[target]
     if labels_column.dtype.kind == "f" and (labels_column == labels_column.round()).all():
         labels_column = labels_column.astype(np.int64)  # a CSV with missing labels reads 0/1 as 0.0/1.0
@@ -254,12 +257,15 @@ def prepare(name, df, target, source, max_rows=MAX_ROWS):
                    f"# Target: {target}, {len(labels)} classes: "
                    + ", ".join(f"{i} = {v}" for i, v in enumerate(labels[:10])) + (" ..." if len(labels) > 10 else "")
                    + ".\n# Features (columns of x_train, a float numpy array; y_train holds integer labels):\n"
-                   + "\n".join(lines[:40]) + ("\n#   ..." if len(lines) > 40 else "")
+                   + "\n".join(lines[:LISTED_FEATURES]) + ("\n#   ..." if len(lines) > LISTED_FEATURES else "")
                    + (f"\n# Left out, empty in every row: {', '.join(empty)}." if empty else ""))
-    why = [f"CAAFE keeps {fraction:.0%} of this set"] * (fraction < 1) + [f"at most --max-rows {max_rows}"] * (
-        0 < max_rows < round(labelled * fraction))
+    why = []  # why fewer rows than the file's labelled ones
+    if fraction < 1:
+        why.append(f"CAAFE keeps {fraction:.0%} of this set")
+    if capped:
+        why.append(f"at most --max-rows {max_rows}")
     rows = f"{len(df)} of its {labelled} labelled rows (shuffled, {'; '.join(why)})" if why else f"{len(df)} rows"
-    listed = " (the prompt lists the first 40)" if len(lines) > 40 else ""
+    listed = f" (the prompt lists the first {LISTED_FEATURES})" if len(lines) > LISTED_FEATURES else ""
     summary = (f"{name}, {source}: {rows}, {X.shape[1]} features{listed}, {len(labels)} classes; {len(y)} rows for "
                f"the reward's splits, {len(y_test)} held out")
     if unique:  # in a file sorted by its target, a row number alone scores a ROC AUC near 1
