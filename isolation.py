@@ -313,16 +313,41 @@ def _run_jobs(jobs, workers, memory_mb, disk_mb, server, ask, rules, max_output=
             error, proba = _finish(status, killed, buf, scratch)
             remove(scratch)
             del running[pid]
+            _kill_strays(running)
             probas[i].append(proba)
             if error is not None or s + 1 == job["splits"]:
                 results[i] = (error, probas[i] if error is None else [])
             else:  # its next split takes the slot at once: its time runs on
                 pending.insert(0, (i, s + 1))
         if orphaned:
+            _kill_strays({})
             return None
         if not (pending and len(running) < workers):  # (a job's next split starts at once)
             select.select(list(listening), [], [], 0.005)  # until a program's pipe ends (it exited), or 5 ms
     return results
+
+
+def _kill_strays(running):
+    """Kill and reap each child of the runner outside its running programs' process groups (each program leads its
+    own): a process a program started that left its group (setsid, from native code), which the runner, a child
+    subreaper, inherits when the program ends; again until none is left (each may leave its children to the runner)."""
+    while True:
+        children = set()
+        for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:  # (no /proc: none)
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:  # (a thread that ended)
+                children.update(int(pid) for pid in f.read().split())
+        strays = []
+        for pid in children - set(running):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) not in running:
+                    strays.append(pid)
+        if not strays:
+            return
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def _fork_program(jobs, i, s, ask, memory_mb, max_output, rules):
@@ -389,6 +414,8 @@ def runner(inp, out, ask, server, root):
     sandbox's folder, which holds the programs' scratch folders."""
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and the trainer's pipes are not the runner's
     os.dup2(2, 1)
+    if os.path.exists(f"/proc/self/task/{os.getpid()}/children"):  # where _kill_strays can list the runner's children
+        _libc.prctl(36, 1, 0, 0, 0)  # 36 = PR_SET_CHILD_SUBREAPER (Linux 3.4+): a program's orphans become the runner's
     _warm_up()
     rules = reader(root), landlock.kernel_rules(*_folders(root), root)
     if rules[1] is None and sys.platform == "linux":  # (on stderr, which is the trainer's)

@@ -652,6 +652,29 @@ def test_children_left_running_are_killed_and_an_open_pipe_does_not_stall(sandbo
     assert error is None and reward > 0.9 and time.monotonic() - start < 30  # long before the time limit
 
 
+def test_a_process_that_leaves_the_programs_group_dies_with_the_program(sandbox, iris):
+    # native code (which the audit hook does not see) can fork a child that leaves the program's process group and
+    # session (setsid) and starts one more: killing the program's group misses both, which once lived on after it
+    code = ("import ctypes, os, time\nlibc = ctypes.CDLL(None)\nr, w = os.pipe()\nif libc.fork() == 0:\n"
+            "    libc.setsid()\n    grandchild = libc.fork()\n    if grandchild > 0:\n"
+            "        os.write(w, f'{os.getpid()} {grandchild}'.encode())\n    time.sleep(300)\n"
+            "raise RuntimeError('pids=' + os.read(r, 100).decode())")
+    escaped = []
+    try:
+        start = time.monotonic()
+        reward, error = sandbox.run([body(code)], iris, timeout=60)[0]
+        assert reward == -1.0 and "pids=" in error, error
+        escaped = [int(pid) for pid in error.rsplit("pids=", 1)[1].split()[:2]]
+        assert time.monotonic() - start < 30  # no wait for them: long before the time limit
+        time.sleep(0.2)
+        assert not any(_alive(pid) for pid in escaped)
+        assert sandbox.run([GOOD], iris, timeout=10)[0][1] is None  # the sandbox runs on
+    finally:
+        for pid in escaped:  # (if the test failed, not left running for 300 s)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _children(pid):
     """The processes whose parent is pid (from /proc)."""
     found = []
