@@ -24,31 +24,33 @@ native code, comes to the runner once the program ends, which kills it: a child 
 its splits together), a CPU-time limit, an address-space (memory) limit (where the system allows one: macOS refuses it,
 and the server says so when it starts), a 4 MB limit on each file it writes and 256 MB on all of them (the runner
 measures its scratch folder every 0.25 s), a scratch working directory (also TMPDIR and HOME) that is deleted
-afterwards, stdout/stderr captured to a file and truncated, no open file but those, one BLAS/OpenMP thread and no joblib
-worker process (`n_jobs=-1`, or an explicit `n_jobs=4`, runs in the program's own process, one task after another),
-fixed random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors print sets,
-and an error becomes the next prompt), and a Python audit hook that refuses: files written, created, deleted or renamed
-outside the scratch directory and /dev/null (/dev/shm too, whose files would outlive the program in the machine's
-memory); files read outside the Python installation and the system's libraries (a dataset's CSV file or OpenML cache,
-and scikit-learn's own copies of its toy datasets, hold the labels; isolation.reader lists what a program may read);
-another process's memory and open files (/proc/PID/mem and fd/); the network (OpenML serves every dataset); starting
-another process (a program's `pip install` would change the trainer's own packages); and signalling a process outside
-the program's group (the runner: its death would fail the whole batch). Where the kernel has Landlock (Linux 5.13+,
-turned on), the kernel keeps the same rules, which native code (ctypes, and multiprocessing's spawn and forkserver start
-methods, which start their processes from C) gets around in the audit hook: each program process reads only the Python
-installation and the system's folders (not scikit-learn's toy datasets, the project's folder or home), writes only in
-its scratch folder, executes no file, and neither traces nor reads the memory and open files of a process outside its
-own, nor (from Linux 6.7) makes a TCP connection, nor (from 6.12) signals such a process (landlock.py). The trainer
-talks to the server through a pipe with a deadline and restarts it if it dies (or the runner does); a server whose
-trainer dies kills the runner, whose programs then die, removes their folders and exits at once. All three and the
+afterwards, stdout/stderr captured to a file and truncated, no open file but those, a network namespace of its own with
+nothing in it (no TCP or UDP, from native code either; where the system lets an unprivileged process create one with a
+user namespace: not under Docker's default seccomp profile nor Ubuntu 24.04's AppArmor default), one BLAS/OpenMP thread
+and no joblib worker process (`n_jobs=-1`, or an explicit `n_jobs=4`, runs in the program's own process, one task after
+another), fixed random seeds and string hashes (so a set prints in the same order in every run: scikit-learn's errors
+print sets, and an error becomes the next prompt), and a Python audit hook that refuses: files written, created, deleted
+or renamed outside the scratch directory and /dev/null (/dev/shm too, whose files would outlive the program in the
+machine's memory); files read outside the Python installation and the system's libraries (a dataset's CSV file or OpenML
+cache, and scikit-learn's own copies of its toy datasets, hold the labels; isolation.reader lists what a program may
+read); another process's memory and open files (/proc/PID/mem and fd/); the network (OpenML serves every dataset);
+starting another process (a program's `pip install` would change the trainer's own packages); and signalling a process
+outside the program's group (the runner: its death would fail the whole batch). Where the kernel has Landlock (Linux
+5.13+, turned on), the kernel keeps the same rules, which native code (ctypes, and multiprocessing's spawn and
+forkserver start methods, which start their processes from C) gets around in the audit hook: each program process reads
+only the Python installation and the system's folders (not scikit-learn's toy datasets, the project's folder or home),
+writes only in its scratch folder, executes no file, and neither traces nor reads the memory and open files of a process
+outside its own, nor (from Linux 6.7) makes a TCP connection, nor (from 6.12) signals such a process (landlock.py). The
+trainer talks to the server through a pipe with a deadline and restarts it if it dies (or the runner does); a server
+whose trainer dies kills the runner, whose programs then die, removes their folders and exits at once. All three and the
 programs ignore SIGTERM, SIGINT and SIGUSR1, which the trainer answers by finishing its iteration (a cluster stopping a
-job signals every process in it). What remains open to native code, even under Landlock: UDP, leaving the process group
-with setsid when the runner itself dies mid-batch (a process that then outlives the program, up to its CPU-time limit),
-reading the other programs' scratch folders (which hold no label), and on kernels before Linux 6.2 (Landlock ABI 1 and
-2) truncating a file outside its folder by its path (landlock.py lists what each ABI leaves); without Landlock, as root,
-also reading the server's memory and writing into the runner's pipes, whose messages the server unpickles (for any other
-user the server and the runner are undumpable: isolation.keep_private). Run untrusted models in a container or VM if
-that matters to you.
+job signals every process in it). What remains open to native code, even under Landlock: UDP where the system refuses
+the network namespace (and TCP there too before Linux 6.7), leaving the process group with setsid when the runner itself
+dies mid-batch (a process that then outlives the program, up to its CPU-time limit), reading the other programs' scratch
+folders (which hold no label), and on kernels before Linux 6.2 (Landlock ABI 1 and 2) truncating a file outside its
+folder by its path (landlock.py lists what each ABI leaves); without Landlock, as root, also reading the server's memory
+and writing into the runner's pipes, whose messages the server unpickles (for any other user the server and the runner
+are undumpable: isolation.keep_private). Run untrusted models in a container or VM if that matters to you.
 
 Departures from the paper: none here; env.py lists the environment's (held-out rows, imputed missing values).
 """
