@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import socket
 import urllib.parse
 
@@ -151,14 +152,37 @@ def load_dataset(name, data_dir=None, openml_cache=None, max_rows=MAX_ROWS):
     return prepare(name, df, target, source, max_rows)
 
 
+def _writable_cache(cache, did):
+    """The openml cache folder to read dataset `did` from: `cache`, or where this process cannot write the dataset's
+    folder in it (a read-only mount, another user's cache) a copy of that folder, made once in $ETPO_CACHE/openml-cache
+    (~/.cache/etpo/openml-cache), since the client writes a parsed copy beside a dataset's file on its first load."""
+    folder = os.path.join("org", "openml", "www", "datasets", str(did))
+    if not os.path.isdir(os.path.join(cache, folder)) or os.access(os.path.join(cache, folder), os.W_OK):
+        return cache
+    copy = os.path.join(os.environ.get("ETPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "etpo")),
+                        "openml-cache")
+    if not os.path.isdir(os.path.join(copy, folder)):
+        partial = os.path.join(copy, f"{folder}.{os.getpid()}")  # renamed into place whole: runs started together
+        os.makedirs(partial, exist_ok=True)
+        for file in os.listdir(os.path.join(cache, folder)):  # (files only; copyfile: writable, whatever their mode)
+            if os.path.isfile(os.path.join(cache, folder, file)):
+                shutil.copyfile(os.path.join(cache, folder, file), os.path.join(partial, file))
+        try:
+            os.rename(partial, os.path.join(copy, folder))
+        except OSError:  # another run's copy is there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy
+
+
 def _openml_frame(name, openml_cache):
+    did = OPENML_IDS[name]
     if openml_cache:
+        openml_cache = _writable_cache(os.path.expanduser(openml_cache), did)
         os.environ["OPENML_CACHE_DIR"] = openml_cache
     import openml
 
     if openml_cache:
-        openml.config.set_root_cache_directory(os.path.expanduser(openml_cache))
-    did = OPENML_IDS[name]
+        openml.config.set_root_cache_directory(openml_cache)
     retries = openml.config.connection_n_retries
     if not reachable(openml.config.server):  # offline: the cache, or one try, not 5 with back-off (about 10 s)
         openml.config.connection_n_retries = 1

@@ -148,6 +148,34 @@ def test_a_cached_openml_copy_cut_short_says_to_delete_it(tmp_path, no_network):
         env.load_dataset("cmc", openml_cache=str(cache))
 
 
+@needs_shared
+def test_a_read_only_openml_cache_is_read_through_a_copy(tmp_path, monkeypatch, no_network):
+    # the client writes a parsed copy (dataset.pkl.py3) beside a dataset's file on its first load: in a folder this
+    # process cannot write (a read-only mount, another user's cache, ../shared for a user who is not root) that
+    # failed, and the run said to check the internet connection
+    cache = tmp_path / "read-only"
+    shutil.copytree(os.path.join(SHARED, "openml-cache"), cache)
+    folder = cache / "org" / "openml" / "www" / "datasets" / "37"  # diabetes
+    for f in folder.glob("dataset.pkl*"):
+        f.unlink()
+    before = sorted(os.listdir(folder))
+    folder.chmod(0o555)
+    # root writes into a folder of mode 555 all the same: os.access answers as it does for any other user
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: real_access(path, mode, **kwargs) and not (
+        mode & os.W_OK and str(path).startswith(str(cache))))
+    monkeypatch.setenv("ETPO_CACHE", str(tmp_path / "etpo"))
+    try:
+        for _ in range(2):  # copied once, then read from the copy
+            d = env.load_dataset("diabetes", openml_cache=str(cache))
+            assert len(d.X) + len(d.X_test) == 768 and d.X.shape[1] == 8
+        assert sorted(os.listdir(folder)) == before  # nothing written into the read-only folder
+        copy = tmp_path / "etpo" / "openml-cache" / "org" / "openml" / "www" / "datasets" / "37"
+        assert set(before) < set(os.listdir(copy)) and all(os.access(copy / f, os.W_OK) for f in os.listdir(copy))
+    finally:
+        folder.chmod(0o755)
+
+
 def test_csv_path_with_target_column(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3))
