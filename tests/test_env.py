@@ -70,12 +70,21 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+def shared_openml_cache(path):
+    """A copy of ../shared's openml cache at path, which this user may write (copytree keeps ../shared's read-only
+    modes, which only root writes through)."""
+    shutil.copytree(os.path.join(SHARED, "openml-cache"), path)
+    for folder, _, files in os.walk(path):
+        os.chmod(folder, 0o755)
+        for file in files:
+            os.chmod(os.path.join(folder, file), 0o644)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def openml_cache(tmp_path_factory):
     """The client writes pickles into its cache, so it gets a temporary copy, never ../shared itself."""
-    path = tmp_path_factory.mktemp("openml") / "cache"
-    shutil.copytree(os.path.join(SHARED, "openml-cache"), path)
-    return str(path)
+    return shared_openml_cache(tmp_path_factory.mktemp("openml") / "cache")
 
 
 # (rows, features, classes) of each local dataset as published; CAAFE keeps a fraction of three and caps at 2000
@@ -133,7 +142,7 @@ def test_offline_openml_fails_at_once(tmp_path, monkeypatch):
 def test_a_cached_openml_copy_cut_short_says_to_delete_it(tmp_path, no_network):
     # a download cut short leaves a file the client cannot parse, and it never downloads a cached file again
     cache = tmp_path / "cache"
-    shutil.copytree(os.path.join(SHARED, "openml-cache"), cache)
+    shared_openml_cache(cache)
     folder = cache / "org" / "openml" / "www" / "datasets" / "23"
     for f in folder.glob("dataset.*"):
         if f.suffix != ".arff":
@@ -154,7 +163,7 @@ def test_a_read_only_openml_cache_is_read_through_a_copy(tmp_path, monkeypatch, 
     # process cannot write (a read-only mount, another user's cache, ../shared for a user who is not root) that
     # failed, and the run said to check the internet connection
     cache = tmp_path / "read-only"
-    shutil.copytree(os.path.join(SHARED, "openml-cache"), cache)
+    shared_openml_cache(cache)
     folder = cache / "org" / "openml" / "www" / "datasets" / "37"  # diabetes
     for f in folder.glob("dataset.pkl*"):
         f.unlink()
