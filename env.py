@@ -163,10 +163,14 @@ def _writable_cache(cache, did):
                         "openml-cache")
     if not os.path.isdir(os.path.join(copy, folder)):
         partial = os.path.join(copy, f"{folder}.{os.getpid()}")  # renamed into place whole: runs started together
-        os.makedirs(partial, exist_ok=True)
-        for file in os.listdir(os.path.join(cache, folder)):  # (files only; copyfile: writable, whatever their mode)
-            if os.path.isfile(os.path.join(cache, folder, file)):
-                shutil.copyfile(os.path.join(cache, folder, file), os.path.join(partial, file))
+        try:
+            os.makedirs(partial, exist_ok=True)
+            for file in os.listdir(os.path.join(cache, folder)):  # (files only; copyfile: writable, whatever the mode)
+                if os.path.isfile(os.path.join(cache, folder, file)):
+                    shutil.copyfile(os.path.join(cache, folder, file), os.path.join(partial, file))
+        except OSError as e:
+            raise OSError(f"the openml cache {cache} cannot be written, and a copy of its dataset {did} could not be "
+                          f"made in {copy} either ({e.strerror}): set ETPO_CACHE to a folder you can write") from None
         try:
             os.rename(partial, os.path.join(copy, folder))
         except OSError:  # another run's copy is there first

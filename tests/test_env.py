@@ -181,6 +181,10 @@ def test_a_read_only_openml_cache_is_read_through_a_copy(tmp_path, monkeypatch, 
         assert sorted(os.listdir(folder)) == before  # nothing written into the read-only folder
         copy = tmp_path / "etpo" / "openml-cache" / "org" / "openml" / "www" / "datasets" / "37"
         assert set(before) < set(os.listdir(copy)) and all(os.access(copy / f, os.W_OK) for f in os.listdir(copy))
+        (tmp_path / "file").write_text("")  # and where no copy can be made either: one sentence
+        monkeypatch.setenv("ETPO_CACHE", str(tmp_path / "file"))
+        with pytest.raises(OSError, match=f"^the openml cache {cache} cannot be written, and a copy .* set ETPO_CACHE"):
+            env.load_dataset("diabetes", openml_cache=str(cache))
     finally:
         folder.chmod(0o755)
 
