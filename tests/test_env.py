@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_env.py -q
 import ast
 import contextlib
 import errno
+import functools
 import os
 import resource
 import shutil
@@ -555,6 +556,7 @@ def test_native_code_meets_the_kernels_rules(sandbox, iris, tmp_path):
     assert sandbox.run([cheat], env.load_dataset("breast_cancer"), timeout=30)[0] == (0.5, None)
 
 
+@functools.cache  # (asked at collection and again by the Landlock test: one subprocess)
 def own_network():
     """Whether this system lets a process take a network namespace of its own, as each program process does (some
     refuse an unprivileged user namespace: Docker's default seccomp profile, Ubuntu 24.04's AppArmor default)."""
