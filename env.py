@@ -157,22 +157,24 @@ def _writable_cache(cache, did):
     folder in it (a read-only mount, another user's cache) a copy of that folder, made once in $ETPO_CACHE/openml-cache
     (~/.cache/etpo/openml-cache), since the client writes a parsed copy beside a dataset's file on its first load."""
     folder = os.path.join("org", "openml", "www", "datasets", str(did))
-    if not os.path.isdir(os.path.join(cache, folder)) or os.access(os.path.join(cache, folder), os.W_OK):
+    source = os.path.join(cache, folder)
+    if not os.path.isdir(source) or os.access(source, os.W_OK):
         return cache
     copy = os.path.join(os.environ.get("ETPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "etpo")),
                         "openml-cache")
-    if not os.path.isdir(os.path.join(copy, folder)):
-        partial = os.path.join(copy, f"{folder}.{os.getpid()}")  # renamed into place whole: runs started together
+    target = os.path.join(copy, folder)
+    if not os.path.isdir(target):
+        partial = f"{target}.{os.getpid()}"  # renamed into place whole: runs started together
         try:
             os.makedirs(partial, exist_ok=True)
-            for file in os.listdir(os.path.join(cache, folder)):  # (files only; copyfile: writable, whatever the mode)
-                if os.path.isfile(os.path.join(cache, folder, file)):
-                    shutil.copyfile(os.path.join(cache, folder, file), os.path.join(partial, file))
+            for file in os.listdir(source):  # (files only; copyfile: writable, whatever their mode)
+                if os.path.isfile(os.path.join(source, file)):
+                    shutil.copyfile(os.path.join(source, file), os.path.join(partial, file))
         except OSError as e:
             raise OSError(f"the openml cache {cache} cannot be written, and a copy of its dataset {did} could not be "
                           f"made in {copy} either ({e.strerror}): set ETPO_CACHE to a folder you can write") from None
         try:
-            os.rename(partial, os.path.join(copy, folder))
+            os.rename(partial, target)
         except OSError:  # another run's copy is there first
             shutil.rmtree(partial, ignore_errors=True)
     return copy
